@@ -1,0 +1,36 @@
+# One command for each job; CI runs the same ones (.ci/run).
+#   make run    set up a virtualenv, install Squall, serve on :8000 (embedded defaults)
+#   make test   install what the tests need (system packages too) and run every test
+#   make lint   ruff and mypy on server/ and handlers/
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: run test lint system-deps clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@scripts/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/squall serve $(ARGS)
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+test: system-deps $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check server handlers tests
+	$(BIN)/ruff format --check server handlers tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Thin Tornado handlers: they translate HTTP and WebSocket to calls on the node."""

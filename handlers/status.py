@@ -1,0 +1,60 @@
+"""Operations endpoints: ``/health``, ``/ready``, ``/status``, ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from handlers.base import JSONHandler
+
+
+class HealthHandler(JSONHandler):
+    """Alive: the process answers. Load balancers use /ready instead."""
+
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(JSONHandler):
+    """Ready for traffic: 200, or 503 while starting, draining, or cut off
+    from the broker."""
+
+    def get(self) -> None:
+        node = self.node
+        if node.ready():
+            self.write_json({"ready": True})
+            return
+        reason = "draining" if node.draining else "broker unavailable"
+        self.write_json({"ready": False, "reason": reason}, 503)
+
+    head = get
+
+
+class StatusHandler(JSONHandler):
+    """A JSON snapshot for dashboards. Rebuilt at most once a second and sent
+    with an ETag, so polling it is cheap; Tornado answers a matching
+    ``If-None-Match`` with 304."""
+
+    _cache: dict[int, tuple[float, bytes]] = {}
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-cache")
+
+    def get(self) -> None:
+        key = id(self.node)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is None or now - cached[0] >= 1.0:
+            body = orjson.dumps({**self.node.info(), "series": self.node.metrics.history()})
+            cached = (now, body)
+            self._cache[key] = cached
+        self.write(cached[1])
+
+
+class MetricsHandler(JSONHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.write(generate_latest(self.node.metrics.registry))

@@ -1,0 +1,88 @@
+"""WebSocket transport: ``/connection/websocket``. Frames go to the session;
+the session's batches come back as one text frame each."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import urlsplit
+
+import tornado.web
+import tornado.websocket
+
+from server.errors import Disconnect, SquallError
+from server.node import Node
+from server.session import Session
+
+
+def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
+    """Same origin only when ``allowed`` is empty; ``*`` allows any."""
+    if "*" in allowed:
+        return True
+    origin = origin.lower().rstrip("/")
+    if any(origin == a.lower().rstrip("/") for a in allowed):
+        return True
+    return bool(host) and urlsplit(origin).netloc == (host or "").lower()
+
+
+class _Transport:
+    __slots__ = ("_handler",)
+    kind = "websocket"
+
+    def __init__(self, handler: WebSocketHandler) -> None:
+        self._handler = handler
+
+    def send(self, items: list[bytes]) -> Awaitable[None] | None:
+        frame = items[0] if len(items) == 1 else b"\n".join(items)
+        # Bytes with binary=False go out as a text frame without a decode.
+        return self._handler.write_message(frame)
+
+    def close(self, disconnect: Disconnect) -> None:
+        self._handler.close(disconnect.code, disconnect.reason)
+
+
+class WebSocketHandler(tornado.websocket.WebSocketHandler):
+    node: Node
+    session: Session | None
+
+    def initialize(self, node: Node) -> None:
+        self.node = node
+        self.session = None
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(
+            origin, self.request.headers.get("Host"), self.node.settings.server.allowed_origins
+        )
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if (
+            self.node.draining
+            or len(self.node.sessions) >= self.node.settings.limits.max_connections
+        ):
+            self.node.metrics.connections_refused += 1
+            self.set_status(503)
+            self.set_header("Content-Type", "application/json")
+            reason = "shutting down" if self.node.draining else "connection limit reached"
+            self.finish({"error": {"code": 114, "message": f"service unavailable: {reason}"}})
+            return
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        try:
+            self.session = self.node.new_session(_Transport(self))
+        except SquallError as exc:
+            self.close(1013, exc.message)
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        if self.session is None:
+            return None
+        # Tornado waits for this before reading the next frame: commands of
+        # one connection are handled in order, and a flood waits its turn.
+        return self.session.handle_frame(message)
+
+    def on_close(self) -> None:
+        if self.session is not None:
+            self.session.transport_closed()

@@ -1,0 +1,66 @@
+"""The Tornado application: routes and transport settings for a node."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tornado.web
+
+from handlers.api import ApiHandler
+from handlers.pages import IndexHandler
+from handlers.sse import SSEHandler
+from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
+from handlers.websocket import WebSocketHandler
+from server.node import Node
+
+ROOT = Path(__file__).resolve().parent.parent
+access_log = logging.getLogger("squall.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without query strings: SSE tokens travel there."""
+    status = handler.get_status()
+    if status < 400:
+        level = logging.DEBUG if handler.request.path in ("/health", "/ready") else logging.INFO
+    elif status < 500:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    access_log.log(
+        level,
+        "%d %s %s %.1fms",
+        status,
+        handler.request.method,
+        handler.request.path,
+        1000.0 * handler.request.request_time(),
+    )
+
+
+def make_app(node: Node) -> tornado.web.Application:
+    limits = node.settings.limits
+    args = {"node": node}
+    return tornado.web.Application(
+        [
+            (r"/connection/websocket", WebSocketHandler, args),
+            (r"/connection/sse", SSEHandler, args),
+            (r"/api/([a-z_]+)", ApiHandler, args),
+            (r"/health", HealthHandler, args),
+            (r"/ready", ReadyHandler, args),
+            (r"/status", StatusHandler, args),
+            (r"/metrics", MetricsHandler, args),
+            (r"/", IndexHandler, args),
+        ],
+        template_path=str(ROOT / "templates"),
+        static_path=str(ROOT / "static"),
+        log_function=log_request,
+        websocket_ping_interval=limits.ping_interval or None,
+        websocket_ping_timeout=limits.ping_timeout or None,
+        websocket_max_message_size=limits.max_frame_bytes,
+        compress_response=False,
+    )
+
+
+def max_body_size(node: Node) -> int:
+    """HTTP bodies: one publication plus room for a broadcast's channel list."""
+    return node.settings.limits.max_publication_bytes + 1024 * 1024

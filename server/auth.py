@@ -1,0 +1,160 @@
+"""JWT connection and subscription tokens (PyJWT), and API keys.
+
+Connection token claims: ``sub`` (user id, may be ""), ``exp``; optional
+``info`` (shown to others in presence and as publisher) and ``channels``
+(server-side subscriptions made at connect). A connection token must not carry
+``channel``: that claim marks a subscription token.
+
+Subscription token claims (private channels): ``sub`` (must equal the
+connection's user), ``channel``, ``exp``; optional ``client`` (when present it
+must equal the connection's client id).
+
+Only the configured algorithms are accepted, so ``alg: none`` and HS/RS key
+confusion fail; HMAC and public-key algorithms are never mixed (config refuses).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from server.config import AuthSettings
+from server.errors import TokenExpired, Unauthorized
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectClaims:
+    user: str
+    exp: float
+    info: Any = None
+    channels: list[str] = field(default_factory=list)
+
+
+def _load_key(settings: AuthSettings) -> str:
+    if any(a.startswith("HS") for a in settings.token_algorithms):
+        return settings.token_secret
+    pem = settings.token_public_key
+    if "-----BEGIN" not in pem:
+        pem = Path(pem).expanduser().read_text(encoding="utf-8")
+    return pem
+
+
+class Authenticator:
+    """Checks tokens and API keys. Messages returned to clients never include
+    the token or a key; they say which claim failed."""
+
+    __slots__ = ("_algorithms", "_api_key", "_key", "_settings")
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._settings = settings
+        self._algorithms = list(settings.token_algorithms)
+        self._key = _load_key(settings)
+        self._api_key = settings.api_key.encode()
+
+    def check_api_key(self, presented: str | None) -> bool:
+        if not presented or not self._api_key:
+            return False
+        return hmac.compare_digest(presented.encode(), self._api_key)
+
+    def _decode(self, token: object, required: list[str]) -> dict[str, Any]:
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("token must be a non-empty string")
+        if not self._key:
+            raise Unauthorized("token verification is not configured")
+        options: Any = {"require": required}
+        kwargs: dict[str, Any] = {}
+        if self._settings.token_audience:
+            kwargs["audience"] = self._settings.token_audience
+        else:
+            options["verify_aud"] = False
+        if self._settings.token_issuer:
+            kwargs["issuer"] = self._settings.token_issuer
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                options=options,
+                leeway=self._settings.leeway,
+                **kwargs,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired("token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token is missing the {exc.claim!r} claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthorized("token algorithm not allowed") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("token signature is invalid") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        if not isinstance(claims.get("sub"), str):
+            raise Unauthorized("token 'sub' claim must be a string")
+        if not isinstance(claims.get("exp"), (int, float)):
+            raise Unauthorized("token 'exp' claim must be a number")
+        return claims
+
+    def verify_connection_token(self, token: object) -> ConnectClaims:
+        claims = self._decode(token, ["sub", "exp"])
+        if "channel" in claims:
+            raise Unauthorized("a subscription token cannot be used to connect")
+        channels = claims.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise Unauthorized("token 'channels' claim must be a list of strings")
+        return ConnectClaims(
+            user=claims["sub"], exp=float(claims["exp"]), info=claims.get("info"), channels=channels
+        )
+
+    def verify_subscription_token(
+        self, token: object, *, user: str, client: str, channel: str
+    ) -> float:
+        """Return the token's ``exp``; raise if it does not grant ``channel``."""
+        claims = self._decode(token, ["sub", "exp", "channel"])
+        if claims["channel"] != channel:
+            raise Unauthorized("subscription token is for another channel")
+        if claims["sub"] != user:
+            raise Unauthorized("subscription token is for another user")
+        if "client" in claims and claims["client"] != client:
+            raise Unauthorized("subscription token is for another client")
+        return float(claims["exp"])
+
+
+def mint_token(
+    settings: AuthSettings,
+    *,
+    sub: str,
+    ttl: float = 3600,
+    channel: str | None = None,
+    client: str | None = None,
+    info: Any = None,
+    channels: list[str] | None = None,
+    private_key: str | None = None,
+) -> str:
+    """Sign a connection token, or a subscription token when ``channel`` is set."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl)}
+    if channel is not None:
+        claims["channel"] = channel
+    if client is not None:
+        claims["client"] = client
+    if info is not None:
+        claims["info"] = info
+    if channels:
+        claims["channels"] = channels
+    if settings.token_audience:
+        claims["aud"] = settings.token_audience
+    if settings.token_issuer:
+        claims["iss"] = settings.token_issuer
+    algorithm = settings.token_algorithms[0]
+    if algorithm.startswith("HS"):
+        key = settings.token_secret
+    elif private_key:
+        key = private_key
+    else:
+        raise ValueError(f"{algorithm} tokens need a private key (--private-key)")
+    return jwt.encode(claims, key, algorithm=algorithm)

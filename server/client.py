@@ -1,0 +1,461 @@
+"""A small async Python client for Squall.
+
+``Client`` holds a WebSocket connection: it connects with a token, subscribes,
+and when the connection drops with a reconnect code it reconnects with
+backoff and recovers every subscription from its last offset, so a
+subscriber's iterator yields each publication once and in order.
+
+``ApiClient`` calls the HTTP server API with an API key.
+
+    client = Client("ws://127.0.0.1:8000/connection/websocket", token=token)
+    await client.connect()
+    sub = await client.subscribe("news")
+    async for pub in sub:
+        print(pub.offset, pub.data)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import tornado.httpclient
+import tornado.websocket
+
+log = logging.getLogger("squall.client")
+
+
+class ReplyError(Exception):
+    """The server answered a command with an error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(Exception):
+    """The connection closed and will not be reopened."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"connection closed: {code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class ClientPublication:
+    channel: str
+    offset: int
+    epoch: str
+    data: Any
+    info: dict[str, Any] | None = None
+    time_ms: int = 0
+
+
+@dataclass(slots=True)
+class Subscription:
+    channel: str
+    token: str | None = None
+    offset: int = 0
+    epoch: str = ""
+    recovered: bool | None = None
+    # Bounded: a consumer that stops reading stops the client reading, and
+    # the server then disconnects it as slow; it recovers when it reconnects.
+    queue: asyncio.Queue[ClientPublication | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=10000)
+    )
+    gaps: int = 0  # times recovery reported a position it could not restore
+
+    def __aiter__(self) -> AsyncIterator[ClientPublication]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ClientPublication]:
+        while True:
+            pub = await self.queue.get()
+            if pub is None:
+                return
+            yield pub
+
+    async def get(self, timeout: float = 10.0) -> ClientPublication:
+        pub = await asyncio.wait_for(self.queue.get(), timeout)
+        if pub is None:
+            raise ConnectionClosed(None, "subscription ended")
+        return pub
+
+
+def _should_reconnect(code: int | None) -> bool:
+    # Abnormal closes (no code, 1006, 1001, 1011, 1013) and 3000-3499 reconnect.
+    if code is None or code in (1001, 1006, 1011, 1012, 1013):
+        return True
+    return 3000 <= code < 3500
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        get_token: Callable[[], Awaitable[str]] | None = None,
+        reconnect: bool = True,
+        min_backoff: float = 0.05,
+        max_backoff: float = 5.0,
+        command_timeout: float = 10.0,
+        max_reconnects: int = 100,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.get_token = get_token
+        self.reconnect = reconnect
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.command_timeout = command_timeout
+        self.max_reconnects = max_reconnects
+        self.client_id: str | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
+        self.connects = 0
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self._ws: tornado.websocket.WebSocketClientConnection | None = None
+        self._next_id = 0
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._hooks: dict[int, Callable[[Any], Awaitable[None]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._connected = asyncio.Event()
+        self._failed: BaseException | None = None
+
+    # ---- connection -----------------------------------------------------
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the connection and send ``connect``; raises ``ReplyError`` if
+        the server refuses the token."""
+        result = await self._open()
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        return result
+
+    async def _open(self) -> dict[str, Any]:
+        if self.get_token is not None:
+            self.token = await self.get_token()
+        self._ws = await tornado.websocket.websocket_connect(
+            self.url, max_message_size=64 * 1024 * 1024
+        )
+        params = {"token": self.token} if self.token else {}
+        self._send({"id": self._new_id(), "method": "connect", "params": params})
+        reply = await self._read_reply()
+        if "error" in reply:
+            self._ws.close()
+            raise ReplyError(reply["error"]["code"], reply["error"]["message"])
+        result: dict[str, Any] = reply["result"]
+        self.client_id = result["client"]
+        self.connects += 1
+        self._connected.set()
+        return result
+
+    async def _read_reply(self) -> dict[str, Any]:
+        """Read messages until the first reply (only during connect)."""
+        assert self._ws is not None
+        while True:
+            frame = await asyncio.wait_for(self._ws.read_message(), self.command_timeout)
+            if frame is None:
+                raise ConnectionClosed(self._ws.close_code, self._ws.close_reason)
+            for line in _lines(frame):
+                msg = orjson.loads(line)
+                if "id" in msg:
+                    return dict(msg)
+                await self._on_push(msg)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._fail_waiters(ConnectionClosed(None, "client closed"))
+        for sub in self.subscriptions.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- commands -------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        if self._ws is None:
+            raise ConnectionClosed(None, "not connected")
+        self._ws.write_message(orjson.dumps(obj).decode())
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_result: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> Any:
+        """Send one command and wait for its reply. ``on_result`` runs in the
+        reader before it reads the next message."""
+        if self._failed is not None:
+            raise self._failed
+        await asyncio.wait_for(self._connected.wait(), self.command_timeout)
+        cmd_id = self._new_id()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[cmd_id] = fut
+        if on_result is not None:
+            self._hooks[cmd_id] = on_result
+        try:
+            self._send({"id": cmd_id, "method": method, "params": params or {}})
+            return await asyncio.wait_for(fut, self.command_timeout)
+        finally:
+            self._waiters.pop(cmd_id, None)
+            self._hooks.pop(cmd_id, None)
+
+    async def subscribe(
+        self, channel: str, *, token: str | None = None, recover_from: tuple[int, str] | None = None
+    ) -> Subscription:
+        """Subscribe; ``recover_from=(offset, epoch)`` first replays what came
+        after that position."""
+        if channel in self.subscriptions:
+            raise ReplyError(105, "already subscribed")
+        sub = Subscription(channel, token)
+        if recover_from is not None:
+            sub.offset, sub.epoch = recover_from
+        self.subscriptions[channel] = sub
+        try:
+            await self._subscribe(sub, recover=recover_from is not None)
+        except BaseException:
+            self.subscriptions.pop(channel, None)
+            raise
+        return sub
+
+    async def _subscribe(self, sub: Subscription, *, recover: bool) -> None:
+        params: dict[str, Any] = {"channel": sub.channel}
+        if sub.token:
+            params["token"] = sub.token
+        if recover:
+            params.update(recover=True, offset=sub.offset, epoch=sub.epoch)
+
+        async def on_result(result: dict[str, Any]) -> None:
+            # Runs in the reader, before it reads on: recovered publications
+            # are handed out before any live one that follows the reply.
+            if recover:
+                sub.recovered = result.get("recovered", False)
+                if not sub.recovered:
+                    sub.gaps += 1
+            for pub in result.get("publications", []):
+                await self._deliver(sub, pub)
+            if sub.epoch == result["epoch"]:
+                sub.offset = max(sub.offset, result["offset"])
+            else:
+                sub.offset = result["offset"]
+            sub.epoch = result["epoch"]
+
+        await self.call("subscribe", params, on_result=on_result)
+
+    async def unsubscribe(self, channel: str) -> None:
+        sub = self.subscriptions.pop(channel, None)
+        await self.call("unsubscribe", {"channel": channel})
+        if sub is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("publish", {"channel": channel, "data": data})
+        return result
+
+    async def history(self, channel: str, **params: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("history", {"channel": channel, **params})
+        return result
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("presence", {"channel": channel})
+        return result["presence"]  # type: ignore[no-any-return]
+
+    async def refresh(self, token: str) -> dict[str, Any]:
+        self.token = token
+        result: dict[str, Any] = await self.call("refresh", {"token": token})
+        return result
+
+    # ---- reading --------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        attempts = 0
+        while True:
+            assert self._ws is not None
+            frame = await self._ws.read_message()
+            if frame is not None:
+                attempts = 0
+                for line in _lines(frame):
+                    await self._on_message(orjson.loads(line))
+                continue
+            self.close_code = self._ws.close_code
+            self.close_reason = self._ws.close_reason
+            self._connected.clear()
+            self._fail_waiters(ConnectionClosed(self.close_code, self.close_reason))
+            if self._closing or not self.reconnect or not _should_reconnect(self.close_code):
+                self._finish(ConnectionClosed(self.close_code, self.close_reason))
+                return
+            while True:
+                attempts += 1
+                if attempts > self.max_reconnects:
+                    self._finish(ConnectionClosed(self.close_code, "gave up reconnecting"))
+                    return
+                delay = min(self.max_backoff, self.min_backoff * 2 ** min(attempts, 16))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                try:
+                    await self._open()
+                except ReplyError as exc:
+                    self._finish(exc)
+                    return
+                except (
+                    OSError,
+                    ConnectionClosed,
+                    TimeoutError,
+                    tornado.httpclient.HTTPClientError,
+                ) as exc:
+                    log.debug("reconnect failed: %s", exc)
+                    continue
+                break
+            # Resubscribe and recover in the background: replies need this
+            # task to keep reading.
+            asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        for sub in list(self.subscriptions.values()):
+            try:
+                await self._subscribe(sub, recover=bool(sub.epoch))
+            except (ReplyError, ConnectionClosed, TimeoutError) as exc:
+                log.warning("resubscribe to %s failed: %s", sub.channel, exc)
+
+    def _finish(self, error: BaseException) -> None:
+        self._failed = error
+        for sub in self.subscriptions.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _on_message(self, msg: dict[str, Any]) -> None:
+        if "id" in msg:
+            fut = self._waiters.get(msg["id"])
+            if fut is None or fut.done():
+                return
+            if "error" in msg:
+                fut.set_exception(ReplyError(msg["error"]["code"], msg["error"]["message"]))
+                return
+            hook = self._hooks.pop(msg["id"], None)
+            if hook is not None:
+                await hook(msg.get("result"))
+            if not fut.done():
+                fut.set_result(msg.get("result"))
+            return
+        await self._on_push(msg)
+
+    async def _on_push(self, msg: dict[str, Any]) -> None:
+        if msg.get("push") == "pub":
+            sub = self.subscriptions.get(msg["channel"])
+            if sub is not None:
+                await self._deliver(sub, msg["pub"])
+            return
+        if self.pushes.full():
+            self.pushes.get_nowait()
+        self.pushes.put_nowait(msg)
+
+    async def _deliver(self, sub: Subscription, pub: dict[str, Any]) -> None:
+        # The de-duplication guard: never hand out an offset twice.
+        if sub.epoch == pub["epoch"] and pub["offset"] <= sub.offset:
+            return
+        sub.offset = pub["offset"]
+        sub.epoch = pub["epoch"]
+        await sub.queue.put(
+            ClientPublication(
+                sub.channel,
+                pub["offset"],
+                pub["epoch"],
+                pub["data"],
+                pub.get("info"),
+                pub.get("time", 0),
+            )
+        )
+
+
+def _lines(frame: str | bytes) -> list[bytes]:
+    if isinstance(frame, str):
+        frame = frame.encode()
+    return [line for line in frame.split(b"\n") if line]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(f"HTTP {status}, error {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ApiClient:
+    """The HTTP server API. Every method raises ``ApiError`` on an error reply."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self._http = tornado.httpclient.AsyncHTTPClient()
+
+    async def call(self, method: str, body: dict[str, Any] | None = None) -> Any:
+        request = tornado.httpclient.HTTPRequest(
+            f"{self.base_url}/api/{method}",
+            method="POST",
+            body=orjson.dumps(body or {}),
+            headers={"Authorization": f"apikey {self.api_key}", "Content-Type": "application/json"},
+            request_timeout=self.timeout,
+        )
+        response = await self._http.fetch(request, raise_error=False)
+        if response.code == 599:
+            raise ApiError(599, 0, str(response.error))
+        payload = orjson.loads(response.body) if response.body else {}
+        if response.code >= 400 or "error" in payload:
+            err = payload.get("error", {})
+            raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))
+        return payload.get("result")
+
+    async def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("publish", {"channel": channel, "data": data})
+        return result
+
+    async def broadcast(self, channels: list[str], data: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("broadcast", {"channels": channels, "data": data})
+        return result
+
+    async def history(self, channel: str, **params: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("history", {"channel": channel, **params})
+        return result
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("presence", {"channel": channel})
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("info")
+        return result

@@ -1,0 +1,395 @@
+"""Settings: a TOML file, overridden by ``SQUALL_*`` environment variables,
+overridden by command-line flags. Validated once, at start; a bad value stops
+the start with one message that names the key (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.models import HistoryOptions
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong. ``key`` is the dotted TOML name."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config error: {key}: {problem}")
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "./data"
+    # Origins allowed to open a WebSocket or SSE stream from a browser. Empty:
+    # same origin only (the Origin's host must equal the Host header). "*": any.
+    allowed_origins: list[str] = field(default_factory=list)
+    # Seconds SIGTERM waits for connections to go before the process exits.
+    drain_grace: float = 10.0
+    # Seconds /ready is false before clients are told to leave, so a load
+    # balancer's health check can take the node out of rotation first.
+    drain_delay: float = 0.0
+    log_level: str = "info"
+    node_name: str = ""
+
+
+@dataclass(slots=True)
+class AuthSettings:
+    token_secret: str = ""
+    # PEM text or a path to a PEM file, for RS256/ES256 tokens.
+    token_public_key: str = ""
+    token_algorithms: list[str] = field(default_factory=lambda: ["HS256"])
+    token_audience: str = ""
+    token_issuer: str = ""
+    api_key: str = ""
+    # Seconds of clock skew tolerated on exp/nbf.
+    leeway: float = 0.0
+
+
+@dataclass(slots=True)
+class LimitSettings:
+    # Largest WebSocket frame a client may send (close code 1009 past it).
+    max_frame_bytes: int = 65536
+    # Largest publication data (encoded JSON), from clients and the API.
+    max_publication_bytes: int = 32768
+    max_channels_per_connection: int = 128
+    commands_per_second: float = 50.0
+    command_burst: int = 100
+    max_connections: int = 10000
+    connect_timeout: float = 10.0
+    ping_interval: float = 25.0
+    ping_timeout: float = 10.0
+    send_queue_bytes: int = 1048576
+    send_queue_messages: int = 10000
+    max_history_limit: int = 1000
+    max_broadcast_channels: int = 1000
+    max_recovery_publications: int = 10000
+    max_sse_channels: int = 16
+
+
+@dataclass(slots=True)
+class BrokerSettings:
+    url: str = ""
+
+
+@dataclass(slots=True)
+class StoreSettings:
+    url: str = ""
+    # SQLite "FULL" survives power loss; "NORMAL" only process crashes.
+    sqlite_synchronous: str = "FULL"
+
+
+@dataclass(slots=True)
+class SearchSettings:
+    url: str = ""
+    engine: str = ""
+
+
+@dataclass(slots=True)
+class NamespaceOptions:
+    history_size: int = 100
+    history_ttl: float = 600.0
+    # Seconds a stream's offset and epoch are kept after its last publication.
+    history_meta_ttl: float = 86400.0
+    presence: bool = False
+    join_leave: bool = False
+    allow_publish: bool = False
+    allow_anonymous: bool = False
+    private: bool = False
+    recover: bool = True
+    persist: bool = False
+
+    def history_options(self) -> HistoryOptions:
+        return HistoryOptions(self.history_size, self.history_ttl, self.history_meta_ttl)
+
+
+@dataclass(slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    namespaces: dict[str, NamespaceOptions] = field(
+        default_factory=lambda: {"default": NamespaceOptions()}
+    )
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir).expanduser()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "auth": AuthSettings,
+    "limits": LimitSettings,
+    "broker": BrokerSettings,
+    "store": StoreSettings,
+    "search": SearchSettings,
+}
+
+# Short names operators script; each maps to a dotted key.
+ENV_ALIASES = {
+    "SQUALL_API_KEY": "auth.api_key",
+    "SQUALL_TOKEN_SECRET": "auth.token_secret",
+    "SQUALL_TOKEN_PUBLIC_KEY": "auth.token_public_key",
+    "SQUALL_HOST": "server.host",
+    "SQUALL_PORT": "server.port",
+    "SQUALL_DATA_DIR": "server.data_dir",
+    "SQUALL_LOG_LEVEL": "server.log_level",
+    "SQUALL_ALLOWED_ORIGINS": "server.allowed_origins",
+}
+# Variables that belong to the tooling, not to the server's settings.
+ENV_IGNORED = {"SQUALL_CONFIG", "SQUALL_REQUIRE_SERVICES"}
+
+# Positive numbers that must be > 0; everything else numeric must be >= 0.
+_POSITIVE = {
+    "port",
+    "max_frame_bytes", "max_publication_bytes",
+    "max_channels_per_connection",
+    "commands_per_second",
+    "command_burst",
+    "max_connections",
+    "connect_timeout",
+    "send_queue_bytes",
+    "send_queue_messages",
+    "max_history_limit",
+    "max_broadcast_channels",
+    "max_recovery_publications",
+    "max_sse_channels",
+}
+_CHOICES = {
+    "server.log_level": {"debug", "info", "warning", "error"},
+    "store.sqlite_synchronous": {"FULL", "NORMAL", "EXTRA"},
+    "search.engine": {"", "sqlite", "elasticsearch", "opensearch"},
+}
+_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"}
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    defaults = cls()
+    return {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, kind: type[Any], *, from_text: bool) -> Any:
+    """Check (or, for environment text, parse) one value against its type."""
+    name = key.rsplit(".", 1)[-1]
+    if kind is bool:
+        if from_text and isinstance(value, str):
+            low = value.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        if from_text and isinstance(value, str):
+            try:
+                value = int(value) if kind is int else float(value)
+            except ValueError:
+                raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if kind is int and not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        if name in _POSITIVE and value <= 0:
+            raise ConfigError(key, f"must be greater than 0, got {value!r}")
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value!r}")
+        if name == "port" and value > 65535:
+            raise ConfigError(key, f"must be a TCP port (1-65535), got {value!r}")
+        return kind(value)
+    if kind is list:
+        if from_text and isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return list(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _apply_section(section: str, obj: Any, values: Mapping[str, Any], *, from_text: bool) -> None:
+    types = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(key, f"unknown setting (known: {known})")
+        setattr(obj, name, _coerce(key, value, types[name], from_text=from_text))
+
+
+def _apply_namespaces(settings: Settings, tables: Any) -> None:
+    if not isinstance(tables, dict):
+        raise ConfigError("namespaces", "expected tables [namespaces.<name>]")
+    from server.channels import NAMESPACE_RE  # a cycle at import time otherwise
+
+    for name, values in tables.items():
+        key = f"namespaces.{name}"
+        if not NAMESPACE_RE.fullmatch(name):
+            raise ConfigError(key, "a namespace name is 1-64 of a-z, A-Z, 0-9, '_', '-', '.'")
+        if not isinstance(values, dict):
+            raise ConfigError(key, "expected a table of options")
+        ns = dataclasses.replace(settings.namespaces.get(name, NamespaceOptions()))
+        _apply_section(key, ns, values, from_text=False)
+        settings.namespaces[name] = ns
+
+
+def _set_dotted(settings: Settings, dotted: str, text: str) -> None:
+    section, _, name = dotted.partition(".")
+    _apply_section(section, getattr(settings, section), {name: text}, from_text=True)
+
+
+def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
+    for var, text in sorted(env.items()):
+        if not var.startswith("SQUALL_") or var in ENV_IGNORED:
+            continue
+        if var in ENV_ALIASES:
+            _set_dotted(settings, ENV_ALIASES[var], text)
+            continue
+        rest = var[len("SQUALL_") :].lower()
+        section, _, name = rest.partition("_")
+        if section in SECTIONS and name:
+            try:
+                _set_dotted(settings, f"{section}.{name}", text)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc.key} (from ${var})", exc.problem) from None
+        # Other SQUALL_* variables belong to tools (tests, scripts): not ours.
+
+
+def _validate(settings: Settings) -> None:
+    for dotted, choices in _CHOICES.items():
+        section, _, name = dotted.partition(".")
+        value = getattr(getattr(settings, section), name)
+        if value not in choices:
+            raise ConfigError(dotted, f"must be one of {sorted(choices)}, got {value!r}")
+    bad = [a for a in settings.auth.token_algorithms if a not in _ALGORITHMS]
+    if bad or not settings.auth.token_algorithms:
+        raise ConfigError(
+            "auth.token_algorithms", f"must be a non-empty list of {sorted(_ALGORITHMS)}"
+        )
+    uses_hs = any(a.startswith("HS") for a in settings.auth.token_algorithms)
+    uses_pk = any(not a.startswith("HS") for a in settings.auth.token_algorithms)
+    if uses_hs and uses_pk:
+        # One key family per deployment: mixing them is how HS/RS confusion starts.
+        raise ConfigError(
+            "auth.token_algorithms", "do not mix HMAC (HS*) and public-key algorithms"
+        )
+    if uses_pk and not settings.auth.token_public_key:
+        raise ConfigError("auth.token_public_key", "required for RS*/ES*/PS* algorithms")
+    if settings.auth.token_secret and len(settings.auth.token_secret.encode()) < 32:
+        # RFC 7518 3.2: an HS256 key must be at least as long as the hash.
+        raise ConfigError("auth.token_secret", "must be at least 32 bytes long")
+    if settings.auth.api_key and len(settings.auth.api_key) < 16:
+        raise ConfigError("auth.api_key", "must be at least 16 characters")
+    if settings.broker.url and not settings.broker.url.startswith("memory"):
+        raise ConfigError("broker.url", "only the embedded broker is available in this build")
+    limits = settings.limits
+    if limits.max_frame_bytes < limits.max_publication_bytes + 1024:
+        raise ConfigError(
+            "limits.max_frame_bytes", "must be at least max_publication_bytes + 1024 (envelope)"
+        )
+    if "default" not in settings.namespaces:
+        settings.namespaces["default"] = NamespaceOptions()
+    for name, ns in settings.namespaces.items():
+        if ns.history_size > 0 and ns.history_ttl <= 0:
+            raise ConfigError(f"namespaces.{name}.history_ttl", "must be > 0 when history_size > 0")
+        if ns.join_leave and not ns.presence:
+            raise ConfigError(f"namespaces.{name}.join_leave", "needs presence = true")
+        if ns.recover and ns.history_size == 0 and not ns.persist:
+            raise ConfigError(
+                f"namespaces.{name}.recover", "needs history_size > 0 or persist = true"
+            )
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    raw: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from a TOML file (or the same tables as
+    ``raw``), then the environment, then ``overrides`` (dotted keys, from flags)."""
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    settings = Settings()
+    for section, values in (raw or {}).items():
+        if section == "namespaces":
+            _apply_namespaces(settings, values)
+        elif section in SECTIONS:
+            if not isinstance(values, dict):
+                raise ConfigError(section, "expected a table")
+            _apply_section(section, getattr(settings, section), values, from_text=False)
+        else:
+            known = ", ".join([*sorted(SECTIONS), "namespaces"])
+            raise ConfigError(section, f"unknown section (known: {known})")
+    _apply_env(settings, os.environ if env is None else env)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        _apply_section(section, getattr(settings, section), {name: value}, from_text=False)
+    _validate(settings)
+    return settings
+
+
+SECRETS_FILE = "secrets.toml"
+
+
+def ensure_secrets(settings: Settings) -> Path | None:
+    """Fill a missing token secret or API key from ``<data_dir>/secrets.toml``,
+    generating that file (mode 0600) on first run. Returns its path when it was
+    used, or None when configuration supplied both secrets."""
+    uses_hs = any(a.startswith("HS") for a in settings.auth.token_algorithms)
+    need_secret = uses_hs and not settings.auth.token_secret
+    need_key = not settings.auth.api_key
+    if not (need_secret or need_key):
+        return None
+    path = settings.data_path / SECRETS_FILE
+    stored: dict[str, Any] = {}
+    if path.exists():
+        try:
+            stored = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    changed = False
+    for name in ("token_secret", "api_key"):
+        if not isinstance(stored.get(name), str) or len(stored[name]) < 16:
+            stored[name] = secrets.token_urlsafe(32)
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(f'{k} = "{v}"\n' for k, v in sorted(stored.items()))
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("# Generated by squall on first run. Keep private.\n" + body)
+        os.replace(tmp, path)
+    if need_secret:
+        settings.auth.token_secret = stored["token_secret"]
+    if need_key:
+        settings.auth.api_key = stored["api_key"]
+    return path

@@ -1,0 +1,508 @@
+"""One running Squall process: builds the broker, store and hub from settings,
+and carries out what handlers and sessions ask (publish, subscribe, history,
+presence, control), start to drain to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from server import __version__, errors, protocol
+from server.auth import Authenticator
+from server.broker import Broker, BrokerUnavailable, OffsetConflict
+from server.broker.memory import MemoryBroker
+from server.channels import Channel, Channels
+from server.config import Settings
+from server.hub import Hub
+from server.metrics import Metrics
+from server.models import ClientInfo, Publication, StreamPosition
+from server.session import Flusher, Session, Transport
+from server.store import Store, StoreConflict, StoreUnavailable
+from server.store.sqlite import SQLiteStore
+
+log = logging.getLogger("squall.node")
+
+
+@dataclass(slots=True)
+class Recovery:
+    publications: list[Publication]
+    position: StreamPosition
+    recovered: bool
+
+
+def build_broker(settings: Settings) -> Broker:
+    return MemoryBroker()
+
+
+def build_store(settings: Settings) -> Store:
+    return SQLiteStore(
+        settings.data_path / "log.sqlite3", synchronous=settings.store.sqlite_synchronous
+    )
+
+
+class Node:
+    def __init__(
+        self, settings: Settings, *, broker: Broker | None = None, store: Store | None = None
+    ) -> None:
+        self.settings = settings
+        self.version = __version__
+        self.node_id = settings.server.node_name or (
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        )
+        self.channels = Channels(settings)
+        self.auth = Authenticator(settings.auth)
+        self.broker = broker if broker is not None else build_broker(settings)
+        self.store = store if store is not None else build_store(settings)
+        self.hub = Hub()
+        self.flusher = Flusher()
+        self.metrics = Metrics(self)
+        self.sessions: dict[str, Session] = {}
+        self.users: dict[str, dict[Session, None]] = {}
+        self.draining = False
+        self.started_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._durable: dict[str, StreamPosition] = {}
+        self._running = False
+        self._all_gone = asyncio.Event()
+
+    # ---- life cycle -----------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.broker.start(self)
+        self.metrics.start()
+        self._running = True
+        log.info(
+            "node %s started (broker=%s, store=%s)", self.node_id, self.broker.name, self.store.name
+        )
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop taking connections, tell clients to reconnect elsewhere, and
+        wait (up to ``grace`` seconds) for them to go."""
+        self.draining = True
+        grace = self.settings.server.drain_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        if self.settings.server.drain_delay:
+            await asyncio.sleep(min(self.settings.server.drain_delay, grace))
+        for session in list(self.sessions.values()):
+            session.disconnect(errors.SHUTDOWN)
+        if self.sessions:
+            self._all_gone.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), max(0.0, deadline - time.monotonic()))
+
+    async def close(self) -> None:
+        self._running = False
+        for session in list(self.sessions.values()):
+            session.disconnect(errors.SHUTDOWN)
+        await self.metrics.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+        await self.store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background step; its failure is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def ready(self) -> bool:
+        return self._running and not self.draining and self.broker.healthy()
+
+    # ---- sessions -------------------------------------------------------
+
+    def new_session(self, transport: Transport) -> Session:
+        """Accept a connection, or raise ``Unavailable`` when draining or full."""
+        if self.draining or not self._running:
+            self.metrics.connections_refused += 1
+            raise errors.Unavailable("server is shutting down")
+        if len(self.sessions) >= self.settings.limits.max_connections:
+            self.metrics.connections_refused += 1
+            raise errors.Unavailable("connection limit reached")
+        session = Session(self, transport)
+        self.sessions[session.client_id] = session
+        self.metrics.connections_accepted += 1
+        return session
+
+    def register_user(self, session: Session) -> None:
+        self.users.setdefault(session.user, {})[session] = None
+
+    def forget_session_soon(self, session: Session) -> None:
+        asyncio.get_running_loop().call_soon(self._forget, session)
+
+    def _forget(self, session: Session) -> None:
+        if self.sessions.pop(session.client_id, None) is None:
+            return
+        if not self.sessions:
+            self._all_gone.set()
+        same_user = self.users.get(session.user)
+        if same_user is not None:
+            same_user.pop(session, None)
+            if not same_user:
+                del self.users[session.user]
+        subs, session.subs = session.subs, {}
+        for name, channel in subs.items():
+            self.drop_subscription(session, name)
+            if channel.options.presence:
+                self.spawn(self.leave(channel, session.info))
+
+    # ---- subscriptions --------------------------------------------------
+
+    async def subscribe_session(self, session: Session, channel: Channel) -> None:
+        if self.hub.add(channel.name, session):
+            try:
+                await self.broker.subscribe(channel.name)
+            except BrokerUnavailable as exc:
+                raise errors.Unavailable(f"broker: {exc}") from None
+
+    async def unsubscribe_session(self, session: Session, channel: Channel) -> None:
+        self.drop_subscription(session, channel.name)
+        if channel.options.presence:
+            await self.leave(channel, session.info)
+
+    def drop_subscription(self, session: Session, name: str) -> None:
+        if self.hub.remove(name, session):
+            self.spawn(self._broker_unsubscribe(name))
+
+    async def _broker_unsubscribe(self, name: str) -> None:
+        # A subscriber may have arrived meanwhile; the upstream stays then.
+        if self.hub.subscribers(name) == 0:
+            await self.broker.unsubscribe(name)
+
+    # ---- streams --------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _channel_lock(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users <= 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    async def _seed_durable(self, channel: Channel) -> None:
+        """Make the broker's stream of a durable channel continue the log's
+        epoch and offset (after a restart, or after the stream expired)."""
+        last = self._durable.get(channel.name)
+        if last is None:
+            try:
+                last = await self.store.last_position(channel.name)
+            except StoreUnavailable as exc:
+                raise errors.Unavailable(f"store: {exc}") from None
+            if last is None:
+                return
+            if len(self._durable) > 100_000:
+                self._durable.clear()
+            self._durable[channel.name] = last
+        await self.broker.seed(channel.name, last)
+
+    async def position(self, channel: Channel) -> StreamPosition:
+        try:
+            if channel.options.persist:
+                await self._seed_durable(channel)
+            return await self.broker.position(channel.name)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+
+    async def publish(
+        self, channel: Channel, data: bytes, *, info: ClientInfo | None = None
+    ) -> Publication:
+        """Publish ``data`` (encoded JSON). Durable channels are written to
+        the store before the broker sees them: an acknowledged publication is
+        on disk, and a failed one was delivered to nobody."""
+        history = channel.options.history_options()
+        try:
+            if not channel.options.persist:
+                pub = await self.broker.publish(channel.name, data, info=info, history=history)
+            else:
+                pub = await self._publish_durable(channel, data, info)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+        except StoreUnavailable as exc:
+            raise errors.Unavailable(f"store: {exc}") from None
+        self.metrics.publications_in += 1
+        return pub
+
+    async def _publish_durable(
+        self, channel: Channel, data: bytes, info: ClientInfo | None
+    ) -> Publication:
+        name = channel.name
+        async with self._channel_lock(name):
+            for _ in range(3):
+                await self._seed_durable(channel)
+                current = await self.broker.position(name)
+                at = StreamPosition(current.offset + 1, current.epoch)
+                pub = Publication(name, at.offset, at.epoch, data, info)
+                try:
+                    await self.store.append([pub])
+                except StoreConflict:
+                    # The log is ahead of the broker (a crash between the two
+                    # steps): forget the cached position and read it again.
+                    self._durable.pop(name, None)
+                    await self._repair(channel, current)
+                    continue
+                self._durable[name] = at
+                try:
+                    return await self.broker.publish(
+                        name,
+                        data,
+                        info=info,
+                        history=channel.options.history_options(),
+                        at=at,
+                        time_ms=pub.time_ms,
+                    )
+                except OffsetConflict:
+                    log.error("broker stream of %s moved during a durable publish", name)
+                    return pub
+            raise errors.Unavailable("could not agree on the channel's next offset")
+
+    async def _repair(self, channel: Channel, current: StreamPosition) -> None:
+        """Publish to the broker what the log holds past the broker's position."""
+        missing = await self.store.read(
+            channel.name, current.epoch, after=current.offset, limit=1000
+        )
+        for pub in missing:
+            with contextlib.suppress(OffsetConflict):
+                await self.broker.publish(
+                    channel.name,
+                    pub.data,
+                    info=pub.info,
+                    history=channel.options.history_options(),
+                    at=pub.position,
+                    time_ms=pub.time_ms,
+                )
+
+    async def recover(self, channel: Channel, offset: int, epoch: str) -> Recovery:
+        """What a client that saw ``offset`` of ``epoch`` missed. ``recovered``
+        is True only when every missed publication is returned, in order."""
+        limit = self.settings.limits.max_recovery_publications
+        try:
+            if channel.options.persist:
+                await self._seed_durable(channel)
+            result = await self.broker.history(channel.name, after=offset, limit=limit + 1)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+        position = result.position
+        if epoch != position.epoch or offset > position.offset:
+            return Recovery([], position, False)
+        missed = position.offset - offset
+        if missed == 0:
+            return Recovery([], position, True)
+        pubs = [p for p in result.publications if p.offset <= position.offset]
+        complete = len(pubs) == missed and pubs[0].offset == offset + 1
+        if not complete and channel.options.persist and missed <= limit:
+            try:
+                pubs = await self.store.read(
+                    channel.name, epoch, after=offset, before=position.offset + 1, limit=missed
+                )
+            except StoreUnavailable as exc:
+                raise errors.Unavailable(f"store: {exc}") from None
+            complete = len(pubs) == missed and (not pubs or pubs[0].offset == offset + 1)
+        if missed > limit:
+            return Recovery([], position, False)
+        return Recovery(pubs, position, complete)
+
+    async def history(
+        self,
+        channel: Channel,
+        *,
+        since: StreamPosition | None,
+        limit: int,
+        reverse: bool,
+    ) -> tuple[list[Publication], StreamPosition]:
+        ns = channel.options
+        if ns.history_size == 0 and not ns.persist:
+            raise errors.NotAvailable("history is off in this namespace")
+        after = since.offset if since is not None else None
+        try:
+            if ns.persist:
+                await self._seed_durable(channel)
+            result = await self.broker.history(
+                channel.name, after=after, limit=limit, reverse=reverse
+            )
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+        position = result.position
+        if since is not None and since.epoch != position.epoch:
+            raise errors.Unrecoverable("the stream's epoch has changed")
+        pubs = result.publications
+        if (
+            ns.persist
+            and limit > 0
+            and not self._window_covers(pubs, after, limit, position, reverse)
+        ):
+            try:
+                pubs = await self.store.read(
+                    channel.name,
+                    position.epoch,
+                    after=after,
+                    before=position.offset + 1,
+                    limit=limit,
+                    reverse=reverse,
+                )
+            except StoreUnavailable as exc:
+                raise errors.Unavailable(f"store: {exc}") from None
+        return pubs, position
+
+    @staticmethod
+    def _window_covers(
+        pubs: list[Publication],
+        after: int | None,
+        limit: int,
+        position: StreamPosition,
+        reverse: bool,
+    ) -> bool:
+        """Whether the broker's window already answers the request in full."""
+        wanted = min(limit, position.offset - (after or 0))
+        if wanted <= 0:
+            return True
+        if len(pubs) < wanted:
+            return False
+        # Oldest first must start right after ``after``; newest first always
+        # ends at the top of the stream.
+        return reverse or pubs[0].offset == (after or 0) + 1
+
+    async def history_json(self, channel: Channel, params: dict[str, Any]) -> dict[str, Any]:
+        """History as both the protocol and the HTTP API answer it."""
+        limit = params.get("limit", 100)
+        max_limit = self.settings.limits.max_history_limit
+        if type(limit) is not int or limit < 0:
+            raise errors.BadRequest("'limit' must be a non-negative integer")
+        reverse = params.get("reverse", False)
+        if not isinstance(reverse, bool):
+            raise errors.BadRequest("'reverse' must be true or false")
+        since_raw = params.get("since")
+        since = None
+        if since_raw is not None:
+            if (
+                not isinstance(since_raw, dict)
+                or type(since_raw.get("offset")) is not int
+                or since_raw["offset"] < 0
+                or not isinstance(since_raw.get("epoch"), str)
+            ):
+                raise errors.BadRequest('\'since\' must be {"offset": int >= 0, "epoch": str}')
+            since = StreamPosition(since_raw["offset"], since_raw["epoch"])
+        pubs, position = await self.history(
+            channel, since=since, limit=min(limit, max_limit), reverse=reverse
+        )
+        return {
+            "publications": [protocol.pub_json(p) for p in pubs],
+            "offset": position.offset,
+            "epoch": position.epoch,
+        }
+
+    # ---- presence -------------------------------------------------------
+
+    async def join(self, channel: Channel, info: ClientInfo) -> None:
+        try:
+            await self.broker.add_presence(channel.name, info)
+            if channel.options.join_leave:
+                await self.broker.publish_join(channel.name, info)
+        except BrokerUnavailable:
+            log.warning("presence join for %s lost: broker unavailable", channel.name)
+
+    async def leave(self, channel: Channel, info: ClientInfo) -> None:
+        try:
+            await self.broker.remove_presence(channel.name, info.client)
+            if channel.options.join_leave:
+                await self.broker.publish_leave(channel.name, info)
+        except BrokerUnavailable:
+            log.warning("presence leave for %s lost: broker unavailable", channel.name)
+
+    # ---- broker callbacks -----------------------------------------------
+
+    def on_publication(self, pub: Publication) -> None:
+        self.metrics.deliveries += self.hub.broadcast_pub(pub)
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        # Others learn of the join; the client itself has its subscribe reply.
+        self.hub.broadcast(channel, protocol.join_push(channel, info), skip_client=info.client)
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self.hub.broadcast(channel, protocol.leave_push(channel, info), skip_client=info.client)
+
+    def on_control(self, message: bytes) -> None:
+        try:
+            command = orjson.loads(message)
+            op = command["op"]
+            user = command["user"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignoring a malformed control message")
+            return
+        sessions = list(self.users.get(user, {}))
+        if op == "disconnect":
+            for session in sessions:
+                session.disconnect(errors.FORCE_DISCONNECT)
+        elif op == "unsubscribe":
+            channel = command.get("channel")
+            for session in sessions:
+                if channel in session.subs:
+                    self.spawn(self._server_unsubscribe(session, channel))
+
+    async def _server_unsubscribe(self, session: Session, channel: str) -> None:
+        await session.unsubscribe(channel)
+        session.send(protocol.unsubscribe_push(channel, 2000, "server unsubscribe"))
+
+    # ---- cluster-wide control (the API's disconnect and unsubscribe) ----
+
+    async def disconnect_user(self, user: str) -> None:
+        await self._control({"op": "disconnect", "user": user})
+
+    async def unsubscribe_user(self, user: str, channel: str) -> None:
+        await self._control({"op": "unsubscribe", "user": user, "channel": channel})
+
+    async def _control(self, command: dict[str, Any]) -> None:
+        try:
+            await self.broker.publish_control(orjson.dumps(command))
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+
+    # ---- snapshot -------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "version": self.version,
+            "uptime": round(time.time() - self.started_at, 1),
+            "connections": len(self.sessions),
+            "users": len(self.users),
+            "subscriptions": self.hub.subscription_count,
+            "channels": self.hub.channel_count,
+            "draining": self.draining,
+            "rates": self.metrics.rates(),
+            "totals": {
+                "publications_in": self.metrics.publications_in,
+                "deliveries": self.metrics.deliveries,
+                "messages_out": self.metrics.messages_out,
+                "slow_disconnects": self.metrics.slow_disconnects,
+            },
+            "broker": {"name": self.broker.name, "healthy": self.broker.healthy()},
+            "store": {"name": self.store.name, "healthy": self.store.healthy()},
+        }

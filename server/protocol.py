@@ -1,0 +1,129 @@
+"""The client wire protocol, without I/O: frames in, commands out; values in,
+encoded replies and pushes out. ``docs/protocol.md`` is the contract.
+
+A frame holds one JSON object, or several separated by ``\\n``. The server
+may likewise join several replies and pushes in one frame, so a burst costs
+one write per connection instead of one per message.
+
+Parsing never raises anything but ``ProtocolViolation``: a frame the server
+cannot answer (not JSON, not an object, no usable ``id``) closes the
+connection with ``BAD_REQUEST``; a command with a usable ``id`` but bad fields
+gets an error reply and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from server.errors import BadRequest, SquallError
+from server.models import ClientInfo, Publication
+
+METHODS = frozenset(
+    {"connect", "subscribe", "unsubscribe", "publish", "history", "presence", "refresh", "ping"}
+)
+MAX_ID = 2**53 - 1  # what a JavaScript number holds exactly
+
+
+class ProtocolViolation(Exception):
+    """The frame cannot be answered; the connection closes with BAD_REQUEST."""
+
+
+@dataclass(slots=True)
+class Command:
+    id: int
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(slots=True)
+class InvalidCommand:
+    """A command with a usable id whose other fields are wrong."""
+
+    id: int
+    error: SquallError
+
+
+def parse_frame(frame: bytes | str, *, max_commands: int = 100) -> list[Command | InvalidCommand]:
+    """Split a frame into commands. Raises ``ProtocolViolation`` only."""
+    if isinstance(frame, str):
+        frame = frame.encode("utf-8", "surrogatepass")
+    lines = [line for line in frame.split(b"\n") if line.strip()]
+    if not lines:
+        raise ProtocolViolation("empty frame")
+    if len(lines) > max_commands:
+        raise ProtocolViolation(f"more than {max_commands} commands in one frame")
+    out: list[Command | InvalidCommand] = []
+    for line in lines:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise ProtocolViolation("frame is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolViolation("a command must be a JSON object")
+        cmd_id = obj.get("id")
+        if type(cmd_id) is not int or not 0 < cmd_id <= MAX_ID:
+            raise ProtocolViolation("a command needs an integer 'id' from 1 to 2^53-1")
+        method = obj.get("method")
+        params = obj.get("params", {})
+        if not isinstance(method, str) or not method:
+            out.append(InvalidCommand(cmd_id, BadRequest("'method' must be a non-empty string")))
+        elif params is None:
+            out.append(Command(cmd_id, method, {}))
+        elif not isinstance(params, dict):
+            out.append(InvalidCommand(cmd_id, BadRequest("'params' must be an object")))
+        else:
+            out.append(Command(cmd_id, method, params))
+    return out
+
+
+def encode(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def reply(cmd_id: int, result: Any) -> bytes:
+    return orjson.dumps({"id": cmd_id, "result": result})
+
+
+def error_reply(cmd_id: int, error: SquallError) -> bytes:
+    return orjson.dumps({"id": cmd_id, "error": error.to_json()})
+
+
+def pub_json(pub: Publication) -> dict[str, Any]:
+    """A publication as the protocol shows it. ``data`` is spliced in, not
+    decoded and encoded again."""
+    out: dict[str, Any] = {
+        "offset": pub.offset,
+        "epoch": pub.epoch,
+        "data": orjson.Fragment(pub.data),
+        "time": pub.time_ms,
+    }
+    if pub.info is not None:
+        out["info"] = pub.info.to_json()
+    return out
+
+
+def pub_push(pub: Publication) -> bytes:
+    """The push every subscriber of ``pub.channel`` gets; built once per
+    publication and written as the same bytes to all of them."""
+    return orjson.dumps({"push": "pub", "channel": pub.channel, "pub": pub_json(pub)})
+
+
+def join_push(channel: str, info: ClientInfo) -> bytes:
+    return orjson.dumps({"push": "join", "channel": channel, "info": info.to_json()})
+
+
+def leave_push(channel: str, info: ClientInfo) -> bytes:
+    return orjson.dumps({"push": "leave", "channel": channel, "info": info.to_json()})
+
+
+def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
+    return orjson.dumps({"push": "unsubscribe", "channel": channel, "code": code, "reason": reason})
+
+
+def disconnect_push(code: int, reason: str, reconnect: bool) -> bytes:
+    return orjson.dumps(
+        {"push": "disconnect", "code": code, "reason": reason, "reconnect": reconnect}
+    )

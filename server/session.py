@@ -1,0 +1,590 @@
+"""One client's state machine, independent of the transport.
+
+A ``Session`` takes frames from its transport (``handle_frame``) and pushes
+from the hub (``push_pub``, ``push``), and writes everything through one
+bounded send queue. It never touches a socket: the transport behind it is a
+WebSocket, an SSE stream, or a test double.
+
+Send queue: messages wait in a list until the ``Flusher`` runs (once per event
+loop iteration for all sessions with something to send); all messages waiting
+for one session go out in one transport write. While a write is still
+unflushed (the client reads slowly), new messages wait in the queue; when the
+queue passes ``send_queue_bytes`` or ``send_queue_messages``, the session is
+closed with ``SLOW`` and the client recovers from history. Memory per
+connection is therefore bounded by about twice the byte limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from server import errors, protocol
+from server.channels import Channel
+from server.errors import Disconnect, SquallError
+from server.models import ClientInfo, StreamPosition
+
+if TYPE_CHECKING:
+    from server.node import Node
+
+log = logging.getLogger("squall.session")
+
+
+class Transport(Protocol):
+    """What a session needs from its connection."""
+
+    kind: str
+
+    def send(self, items: list[bytes]) -> Awaitable[None] | None:
+        """Write the messages in one go. Return None when they are flushed to
+        the socket, or an awaitable that completes when they are."""
+        ...
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close the connection with the disconnect's code and reason, after
+        whatever ``send`` was already given."""
+        ...
+
+
+class State(IntEnum):
+    CONNECTING = 0
+    CONNECTED = 1
+    CLOSED = 2
+
+
+class Flusher:
+    """Writes every session's queued messages once per loop iteration, so a
+    burst of publications to one client costs one write, not one each."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled")
+
+    def __init__(self) -> None:
+        self._pending: list[Session] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, session: Session) -> None:
+        self._pending.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for session in pending:
+            session.flush()
+
+
+class _RateLimiter:
+    """A token bucket: ``rate`` commands per second, bursts up to ``burst``."""
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+def _int_param(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise errors.BadRequest(f"'{name}' must be a non-negative integer")
+    return value
+
+
+def _str_param(params: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise errors.BadRequest(f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise errors.BadRequest(f"'{name}' must be a string")
+    return value
+
+
+def _bool_param(params: dict[str, Any], name: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise errors.BadRequest(f"'{name}' must be true or false")
+    return value
+
+
+class Session:
+    __slots__ = (
+        "_buffering",
+        "_pending",
+        "_qbytes",
+        "_queue",
+        "_timer",
+        "_token_channels",
+        "_writing",
+        "client_id",
+        "created",
+        "exp",
+        "info",
+        "limiter",
+        "node",
+        "state",
+        "subs",
+        "transport",
+        "user",
+    )
+
+    def __init__(self, node: Node, transport: Transport) -> None:
+        self.node = node
+        self.transport = transport
+        self.client_id = secrets.token_hex(8)
+        self.user = ""
+        self.info = ClientInfo(self.client_id, "")
+        self.state = State.CONNECTING
+        self.exp = 0.0
+        self.subs: dict[str, Channel] = {}
+        self.created = time.monotonic()
+        limits = node.settings.limits
+        self.limiter = _RateLimiter(limits.commands_per_second, limits.command_burst)
+        self._queue: list[bytes] = []
+        self._qbytes = 0
+        self._pending = False
+        self._writing = False
+        self._buffering: dict[str, list[tuple[int, bytes]]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._token_channels: list[str] = []
+        self._set_timer(limits.connect_timeout, self._on_connect_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def __repr__(self) -> str:
+        return f"<Session {self.client_id} user={self.user!r} {self.state.name}>"
+
+    # ---- timers ---------------------------------------------------------
+
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+
+    def _on_connect_timeout(self) -> None:
+        if self.state is State.CONNECTING:
+            self.disconnect(errors.CONNECT_TIMEOUT)
+
+    def _on_token_expired(self) -> None:
+        if self.state is State.CONNECTED and self.exp and self.exp <= time.time():
+            self.disconnect(errors.EXPIRED)
+        elif self.state is State.CONNECTED and self.exp:
+            self._set_timer(self.exp - time.time(), self._on_token_expired)
+
+    # ---- sending --------------------------------------------------------
+
+    def send(self, message: bytes) -> None:
+        """Queue one encoded message; disconnect with SLOW past the limits."""
+        if self.closed:
+            return
+        self._queue.append(message)
+        self._qbytes += len(message)
+        limits = self.node.settings.limits
+        if self._qbytes > limits.send_queue_bytes or len(self._queue) > limits.send_queue_messages:
+            self.node.metrics.slow_disconnects += 1
+            self.disconnect(errors.SLOW, flush=False)
+            return
+        if not self._pending:
+            self._pending = True
+            self.node.flusher.mark(self)
+
+    def push_pub(self, channel: str, offset: int, message: bytes) -> None:
+        """A publication from the hub. While the channel's subscription is
+        being set up, it waits in a buffer so nothing slips between the
+        recovered history and the live stream."""
+        buffering = self._buffering
+        if buffering is not None:
+            held = buffering.get(channel)
+            if held is not None:
+                held.append((offset, message))
+                if len(held) > self.node.settings.limits.send_queue_messages:
+                    self.disconnect(errors.SLOW, flush=False)
+                return
+        self.send(message)
+
+    def flush(self) -> None:
+        self._pending = False
+        if self._writing or not self._queue or self.closed:
+            return
+        items = self._queue
+        self._queue = []
+        self._qbytes = 0
+        try:
+            waiter = self.transport.send(items)
+        except Exception:
+            log.debug("write failed for %s", self.client_id, exc_info=True)
+            self.disconnect(errors.WRITE_ERROR, flush=False)
+            return
+        self.node.metrics.messages_out += len(items)
+        if waiter is not None:
+            self._writing = True
+            asyncio.ensure_future(waiter).add_done_callback(self._on_written)
+
+    def _on_written(self, fut: asyncio.Future[None]) -> None:
+        self._writing = False
+        if fut.cancelled() or fut.exception() is not None:
+            self.disconnect(errors.WRITE_ERROR, flush=False)
+            return
+        if self._queue and not self._pending:
+            self._pending = True
+            self.node.flusher.mark(self)
+
+    # ---- closing --------------------------------------------------------
+
+    def disconnect(self, disconnect: Disconnect, *, flush: bool = True) -> None:
+        """Close with ``disconnect``; queued messages go first when ``flush``."""
+        if self.closed:
+            return
+        if flush and self._queue and not self._writing:
+            self.flush()
+        self.state = State.CLOSED
+        self._queue = []
+        self._qbytes = 0
+        self.node.metrics.count_disconnect(disconnect)
+        try:
+            self.transport.close(disconnect)
+        except Exception:
+            log.debug("close failed for %s", self.client_id, exc_info=True)
+        self._teardown()
+
+    def transport_closed(self) -> None:
+        """The transport saw the connection go (the peer left, or we closed)."""
+        if not self.closed:
+            self.state = State.CLOSED
+            self._queue = []
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Leave the hub on the next loop iteration: the hub may be iterating
+        # over this channel's subscribers right now.
+        self.node.forget_session_soon(self)
+
+    # ---- commands -------------------------------------------------------
+
+    async def handle_frame(self, frame: bytes | str) -> None:
+        """Handle one frame from the client. Never raises."""
+        if self.closed:
+            return
+        try:
+            commands = protocol.parse_frame(frame)
+        except protocol.ProtocolViolation as exc:
+            log.debug("bad frame from %s: %s", self.client_id, exc)
+            self.disconnect(errors.BAD_REQUEST)
+            return
+        for command in commands:
+            if self.closed:
+                return
+            if not self.limiter.allow():
+                self.send(protocol.error_reply(command.id, errors.TooManyRequests()))
+                continue
+            if isinstance(command, protocol.InvalidCommand):
+                self.send(protocol.error_reply(command.id, command.error))
+                continue
+            await self._dispatch(command)
+
+    async def _dispatch(self, command: protocol.Command) -> None:
+        method = command.method
+        self.node.metrics.count_command(method)
+        try:
+            if method == "connect":
+                result = await self._connect(command.params)
+            elif self.state is not State.CONNECTED:
+                raise errors.NotConnected("send 'connect' first")
+            elif method not in protocol.METHODS:
+                raise errors.MethodNotFound(f"unknown method {method!r}")
+            else:
+                handler = getattr(self, "_cmd_" + method)
+                result = await handler(command.params)
+        except SquallError as exc:
+            self.node.metrics.count_error(exc.code)
+            if not self.closed:
+                self.send(protocol.error_reply(command.id, exc))
+            if method == "connect" and self.state is State.CONNECTING:
+                close = errors.EXPIRED if isinstance(exc, errors.TokenExpired) else None
+                if isinstance(exc, errors.Unauthorized):
+                    close = errors.INVALID_TOKEN
+                if close is not None:
+                    self.disconnect(close)
+            return
+        except Exception:
+            log.exception("command %s failed for %s", method, self.client_id)
+            self.node.metrics.count_error(errors.InternalError.code)
+            self.send(protocol.error_reply(command.id, errors.InternalError()))
+            return
+        if not self.closed:
+            self.send(protocol.reply(command.id, result))
+            if method == "connect":
+                # Server-side subscriptions from the token follow the reply.
+                await self._subscribe_token_channels()
+
+    async def _connect(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.state is not State.CONNECTING:
+            raise errors.BadRequest("already connected")
+        token = params.get("token")
+        channels: list[str] = []
+        if token is None or token == "":
+            if not self.node.channels.any_anonymous:
+                raise errors.Unauthorized("a token is required")
+            self.user = ""
+            self.exp = 0.0
+        else:
+            claims = self.node.auth.verify_connection_token(token)
+            self.user = claims.user
+            self.exp = claims.exp
+            self.info = ClientInfo(self.client_id, claims.user, claims.info)
+            channels = claims.channels
+        if len(channels) > self.node.settings.limits.max_channels_per_connection:
+            raise errors.LimitExceeded("token grants more channels than allowed per connection")
+        for name in channels:
+            self.node.channels.resolve(name)
+        self.state = State.CONNECTED
+        self._token_channels = channels
+        self.node.register_user(self)
+        if self.exp:
+            self._set_timer(self.exp - time.time(), self._on_token_expired)
+        elif self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self._connect_result()
+
+    def _connect_result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "client": self.client_id,
+            "version": self.node.version,
+            "node": self.node.node_id,
+            "ping": self.node.settings.limits.ping_interval,
+            "expires": bool(self.exp),
+        }
+        if self.exp:
+            result["ttl"] = max(0, int(self.exp - time.time()))
+        return result
+
+    async def _subscribe_token_channels(self) -> None:
+        channels, self._token_channels = self._token_channels, []
+        for name in channels:
+            if self.state is not State.CONNECTED:
+                return
+            try:
+                result = await self._subscribe(self.node.channels.resolve(name), {}, server=True)
+            except SquallError as exc:
+                self.send(protocol.unsubscribe_push(name, exc.code, exc.message))
+                continue
+            self.send(protocol.encode({"push": "subscribe", "channel": name, **result}))
+
+    async def open_stream(
+        self, token: str | None, requests: list[tuple[str, StreamPosition | None]]
+    ) -> None:
+        """Connect and subscribe in one step, for one-way transports (SSE).
+        Raises ``SquallError`` if the connection is refused. Results arrive as
+        pushes: ``connect``, then per channel ``subscribe`` (or ``unsubscribe``
+        with the error) followed by each recovered publication as a ``pub``."""
+        self.node.metrics.count_command("connect")
+        await self._connect({"token": token} if token else {})
+        self.send(protocol.encode({"push": "connect", **self._connect_result()}))
+        await self._subscribe_token_channels()
+        for name, position in requests:
+            if self.state is not State.CONNECTED:
+                return
+            params: dict[str, Any] = {}
+            if position is not None:
+                params = {"recover": True, "offset": position.offset, "epoch": position.epoch}
+            try:
+                result = await self._subscribe(
+                    self.node.channels.resolve(name), params, server=False
+                )
+            except SquallError as exc:
+                self.send(protocol.unsubscribe_push(name, exc.code, exc.message))
+                continue
+            pubs = result.pop("publications", [])
+            self.send(protocol.encode({"push": "subscribe", "channel": name, **result}))
+            for pub in pubs:
+                self.send(protocol.encode({"push": "pub", "channel": name, "pub": pub}))
+
+    async def _cmd_subscribe(self, params: dict[str, Any]) -> dict[str, Any]:
+        name = params.get("channel")
+        channel = self.node.channels.resolve(name)
+        return await self._subscribe(channel, params, server=False)
+
+    async def _subscribe(
+        self, channel: Channel, params: dict[str, Any], *, server: bool
+    ) -> dict[str, Any]:
+        name = channel.name
+        ns = channel.options
+        if name in self.subs:
+            raise errors.AlreadySubscribed()
+        if len(self.subs) >= self.node.settings.limits.max_channels_per_connection:
+            raise errors.LimitExceeded("too many channels on this connection")
+        recover = _bool_param(params, "recover")
+        offset = _int_param(params, "offset")
+        epoch = _str_param(params, "epoch")
+        if not server:
+            if not self.user and not ns.allow_anonymous:
+                raise errors.PermissionDenied("anonymous clients cannot subscribe here")
+            if ns.private:
+                token = params.get("token")
+                if token is None:
+                    raise errors.PermissionDenied("a subscription token is required")
+                try:
+                    self.node.auth.verify_subscription_token(
+                        token, user=self.user, client=self.client_id, channel=name
+                    )
+                except SquallError as exc:
+                    raise errors.PermissionDenied(f"subscription token: {exc.message}") from None
+        if recover and (offset is None or epoch is None):
+            raise errors.BadRequest("'recover' needs 'offset' and 'epoch'")
+        # Register first and hold live publications, then read the position or
+        # the missed history, then release what is newer: no gap, no repeat.
+        if self._buffering is None:
+            self._buffering = {}
+        self._buffering[name] = []
+        self.subs[name] = channel
+        try:
+            await self.node.subscribe_session(self, channel)
+            result: dict[str, Any]
+            if recover and ns.recover:
+                assert offset is not None and epoch is not None
+                recovery = await self.node.recover(channel, offset, epoch)
+                last = recovery.publications[-1].offset if recovery.publications else offset
+                if not recovery.recovered:
+                    last = max(last, recovery.position.offset)
+                result = {
+                    "offset": recovery.position.offset,
+                    "epoch": recovery.position.epoch,
+                    "recoverable": True,
+                    "recovered": recovery.recovered,
+                    "publications": [protocol.pub_json(p) for p in recovery.publications],
+                }
+                self.node.metrics.count_recovery(recovery.recovered)
+            else:
+                position = await self.node.position(channel)
+                last = position.offset
+                result = {
+                    "offset": position.offset,
+                    "epoch": position.epoch,
+                    "recoverable": ns.recover,
+                }
+                if recover:
+                    result["recovered"] = False
+        except BaseException:
+            self._stop_buffering(name)
+            self.subs.pop(name, None)
+            self.node.drop_subscription(self, name)
+            raise
+        if self.closed:
+            return result
+        held = self._stop_buffering(name)
+        # The reply goes first (the caller sends it); held publications after.
+        if held:
+            asyncio.get_running_loop().call_soon(self._release, name, held, last)
+        if ns.presence:
+            # After the reply, so the client sees its subscription first.
+            self.node.spawn(self.node.join(channel, self.info))
+        return result
+
+    def _stop_buffering(self, name: str) -> list[tuple[int, bytes]]:
+        if self._buffering is None:
+            return []
+        held = self._buffering.pop(name, [])
+        if not self._buffering:
+            self._buffering = None
+        return held
+
+    def _release(self, name: str, held: list[tuple[int, bytes]], last: int) -> None:
+        if name not in self.subs:
+            return
+        for offset, message in held:
+            if offset > last:
+                self.send(message)
+
+    async def _cmd_unsubscribe(self, params: dict[str, Any]) -> dict[str, Any]:
+        name = _str_param(params, "channel", required=True)
+        assert name is not None
+        if name in self.subs:
+            await self.unsubscribe(name)
+        return {}
+
+    async def unsubscribe(self, name: str) -> None:
+        channel = self.subs.pop(name, None)
+        self._stop_buffering(name)
+        if channel is None:
+            return
+        await self.node.unsubscribe_session(self, channel)
+
+    async def _cmd_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self.node.channels.resolve(params.get("channel"))
+        ns = channel.options
+        if not ns.allow_publish:
+            raise errors.PermissionDenied("clients may not publish in this namespace")
+        if not self.user and not ns.allow_anonymous:
+            raise errors.PermissionDenied("anonymous clients cannot publish here")
+        if ns.private and channel.name not in self.subs:
+            raise errors.PermissionDenied("subscribe to a private channel before publishing")
+        if "data" not in params:
+            raise errors.BadRequest("'data' is required")
+        data = orjson.dumps(params["data"])
+        limit = self.node.settings.limits.max_publication_bytes
+        if len(data) > limit:
+            raise errors.MessageTooLarge(f"data is {len(data)} bytes; the limit is {limit}")
+        pub = await self.node.publish(channel, data, info=self.info)
+        return {"offset": pub.offset, "epoch": pub.epoch}
+
+    def _subscribed_channel(self, params: dict[str, Any]) -> Channel:
+        channel = self.node.channels.resolve(params.get("channel"))
+        if channel.name not in self.subs:
+            raise errors.NotSubscribed("subscribe to the channel first")
+        return channel
+
+    async def _cmd_history(self, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._subscribed_channel(params)
+        return await self.node.history_json(channel, params)
+
+    async def _cmd_presence(self, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._subscribed_channel(params)
+        if not channel.options.presence:
+            raise errors.NotAvailable("presence is off in this namespace")
+        members = await self.node.broker.presence(channel.name)
+        return {"presence": {k: v.to_json() for k, v in members.items()}}
+
+    async def _cmd_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not self.user and not self.exp:
+            raise errors.BadRequest("anonymous connections have no token to refresh")
+        claims = self.node.auth.verify_connection_token(params.get("token"))
+        if claims.user != self.user:
+            raise errors.Unauthorized("token is for another user")
+        self.exp = claims.exp
+        self._set_timer(self.exp - time.time(), self._on_token_expired)
+        return {"expires": True, "ttl": max(0, int(self.exp - time.time()))}
+
+    async def _cmd_ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {}

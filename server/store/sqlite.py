@@ -1,0 +1,183 @@
+"""The embedded durable log: SQLite in WAL mode, in the data directory.
+
+All SQLite calls run on one dedicated thread, so the event loop never blocks
+on disk and the connection is never shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from server.models import ClientInfo, Publication, StreamPosition
+from server.store import StoreConflict, StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS publications (
+    id INTEGER PRIMARY KEY,
+    channel TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    info BLOB,
+    time_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS publications_position
+    ON publications (channel, epoch, offset);
+"""
+
+
+def _row_to_pub(row: tuple[Any, ...]) -> Publication:
+    channel, epoch, offset, data, info, time_ms = row
+    client_info = ClientInfo.from_json(orjson.loads(info)) if info else None
+    return Publication(channel, offset, epoch, bytes(data), client_info, time_ms)
+
+
+class SQLiteStore:
+    name = "sqlite"
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self._path = Path(path)
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._ok = False
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    async def start(self) -> None:
+        def open_db() -> None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+
+        await self._run(open_db)
+        self._ok = True
+
+    async def close(self) -> None:
+        def close_db() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(close_db)
+        self._executor.shutdown(wait=True)
+        self._ok = False
+
+    def healthy(self) -> bool:
+        return self._ok
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreUnavailable("store is closed")
+        return self._conn
+
+    async def append(self, pubs: Sequence[Publication]) -> None:
+        rows = [
+            (
+                p.channel,
+                p.epoch,
+                p.offset,
+                p.data,
+                orjson.dumps(p.info.to_json()) if p.info is not None else None,
+                p.time_ms,
+            )
+            for p in pubs
+        ]
+
+        def write() -> None:
+            db = self._db()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    try:
+                        db.execute(
+                            "INSERT INTO publications (channel, epoch, offset, data, info, time_ms)"
+                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            row,
+                        )
+                    except sqlite3.IntegrityError:
+                        existing = db.execute(
+                            "SELECT data FROM publications"
+                            " WHERE channel = ? AND epoch = ? AND offset = ?",
+                            row[:3],
+                        ).fetchone()
+                        if existing is None or bytes(existing[0]) != row[3]:
+                            raise StoreConflict(f"{row[0]}@{row[1]}:{row[2]} is taken") from None
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(write)
+        except sqlite3.Error as exc:
+            self._ok = False
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        self._ok = True
+
+    async def read(
+        self,
+        channel: str,
+        epoch: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        limit: int,
+        reverse: bool = False,
+    ) -> list[Publication]:
+        sql = (
+            "SELECT channel, epoch, offset, data, info, time_ms FROM publications"
+            " WHERE channel = ? AND epoch = ?"
+        )
+        args: list[Any] = [channel, epoch]
+        if after is not None:
+            sql += " AND offset > ?"
+            args.append(after)
+        if before is not None:
+            sql += " AND offset < ?"
+            args.append(before)
+        sql += " ORDER BY offset DESC" if reverse else " ORDER BY offset"
+        sql += " LIMIT ?"
+        args.append(limit)
+
+        def query() -> list[Publication]:
+            return [_row_to_pub(r) for r in self._db().execute(sql, args).fetchall()]
+
+        try:
+            return await self._run(query)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def last_position(self, channel: str) -> StreamPosition | None:
+        def query() -> StreamPosition | None:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT offset, epoch FROM publications WHERE channel = ?"
+                    " ORDER BY id DESC LIMIT 1",
+                    (channel,),
+                )
+                .fetchone()
+            )
+            return StreamPosition(row[0], row[1]) if row else None
+
+        try:
+            return await self._run(query)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
