@@ -305,6 +305,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             "limits.max_frame_bytes", "must be at least max_publication_bytes + 1024 (envelope)"
         )
+    if limits.ping_interval and limits.ping_timeout > limits.ping_interval:
+        raise ConfigError("limits.ping_timeout", "must not be longer than limits.ping_interval")
     if "default" not in settings.namespaces:
         settings.namespaces["default"] = NamespaceOptions()
     for name, ns in settings.namespaces.items():

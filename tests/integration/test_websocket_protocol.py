@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import Running, ServerFactory, wait_for
+from tests.conftest import Running, ServerFactory
 
 pytestmark = pytest.mark.asyncio
 
@@ -132,7 +132,9 @@ async def test_unanswerable_frames_close_with_bad_request(server: Running, frame
 
 async def test_several_commands_in_one_frame(server: Running) -> None:
     raw = await server.connected()
-    raw.send('{"id": 10, "method": "ping"}\n{"id": 11, "method": "subscribe", "params": {"channel": "x"}}')
+    raw.send(
+        '{"id": 10, "method": "ping"}\n{"id": 11, "method": "subscribe", "params": {"channel": "x"}}'
+    )
     assert "result" in await raw.reply(10)
     assert (await raw.reply(11))["result"]["offset"] == 0
 
@@ -158,9 +160,7 @@ async def test_history_command(server: Running) -> None:
 
 
 async def test_history_off_is_not_available(make_server: ServerFactory) -> None:
-    server = await make_server(
-        {"namespaces": {"live": {"history_size": 0, "recover": False}}}
-    )
+    server = await make_server({"namespaces": {"live": {"history_size": 0, "recover": False}}})
     raw = await server.connected()
     await raw.call("subscribe", {"channel": "live:x"})
     assert (await raw.call("history", {"channel": "live:x"}))["error"]["code"] == 108
