@@ -132,9 +132,9 @@ async def test_unanswerable_frames_close_with_bad_request(server: Running, frame
 
 async def test_several_commands_in_one_frame(server: Running) -> None:
     raw = await server.connected()
-    raw.send(
-        '{"id": 10, "method": "ping"}\n{"id": 11, "method": "subscribe", "params": {"channel": "x"}}'
-    )
+    ping = '{"id": 10, "method": "ping"}'
+    subscribe = '{"id": 11, "method": "subscribe", "params": {"channel": "x"}}'
+    raw.send(ping + "\n" + subscribe)
     assert "result" in await raw.reply(10)
     assert (await raw.reply(11))["result"]["offset"] == 0
 
