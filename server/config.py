@@ -157,7 +157,8 @@ ENV_IGNORED = {"SQUALL_CONFIG", "SQUALL_REQUIRE_SERVICES"}
 # Positive numbers that must be > 0; everything else numeric must be >= 0.
 _POSITIVE = {
     "port",
-    "max_frame_bytes", "max_publication_bytes",
+    "max_frame_bytes",
+    "max_publication_bytes",
     "max_channels_per_connection",
     "commands_per_second",
     "command_burst",

@@ -75,6 +75,7 @@ class Node:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._durable: dict[str, StreamPosition] = {}
         self._running = False
+        self._closed = False
         self._all_gone = asyncio.Event()
 
     # ---- life cycle -----------------------------------------------------
@@ -104,6 +105,9 @@ class Node:
                 await asyncio.wait_for(self._all_gone.wait(), max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._running = False
         for session in list(self.sessions.values()):
             session.disconnect(errors.SHUTDOWN)

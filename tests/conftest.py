@@ -186,7 +186,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 
     async def factory(config: dict[str, Any] | None = None, **kwargs: Any) -> Running:
         raw = merge(BASE_CONFIG, config or {})
-        raw.setdefault("server", {})["data_dir"] = str(tmp_path / f"data{len(running)}")
+        raw.setdefault("server", {}).setdefault("data_dir", str(tmp_path / f"data{len(running)}"))
         settings = load_settings(raw=raw, env={})
         node = Node(settings, **kwargs)
         await node.start()

@@ -69,6 +69,9 @@ class SQLiteStore:
         self._ok = True
 
     async def close(self) -> None:
+        if self._conn is None:
+            return
+
         def close_db() -> None:
             if self._conn is not None:
                 self._conn.close()

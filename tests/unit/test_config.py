@@ -1,0 +1,159 @@
+"""Settings: file < environment < flags; one clear error naming the key."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from server.config import ConfigError, ensure_secrets, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "squall.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_any_config() -> None:
+    s = load_settings(env={})
+    assert s.server.port == 8000
+    ns = s.namespaces["default"]
+    assert (ns.history_size, ns.history_ttl, ns.recover, ns.allow_publish) == (
+        100,
+        600,
+        True,
+        False,
+    )
+    assert s.server.allowed_origins == []
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+port = 9000
+host = "0.0.0.0"
+[limits]
+max_connections = 50
+[namespaces.chat]
+allow_publish = true
+history_size = 10
+""",
+    )
+    s = load_settings(path, env={})
+    assert (s.server.port, s.server.host, s.limits.max_connections) == (9000, "0.0.0.0", 50)
+    assert s.namespaces["chat"].allow_publish and s.namespaces["chat"].history_size == 10
+    assert "default" in s.namespaces
+    env = {"SQUALL_SERVER_PORT": "9100", "SQUALL_LIMITS_MAX_CONNECTIONS": "60"}
+    s = load_settings(path, env=env)
+    assert (s.server.port, s.limits.max_connections) == (9100, 60)
+    s = load_settings(path, env=env, overrides={"server.port": 9200})
+    assert s.server.port == 9200
+
+
+def test_env_aliases(tmp_path: Path) -> None:
+    env = {
+        "SQUALL_API_KEY": "an-api-key-of-enough-length",
+        "SQUALL_TOKEN_SECRET": "s" * 40,
+        "SQUALL_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+        "SQUALL_REQUIRE_SERVICES": "1",  # a tooling variable, not a setting
+    }
+    s = load_settings(env=env)
+    assert s.auth.api_key == "an-api-key-of-enough-length"
+    assert s.auth.token_secret == "s" * 40
+    assert s.server.allowed_origins == ["https://a.example", "https://b.example"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[server]\nport = 'x'", "server.port"),
+        ("[server]\nport = 70000", "server.port"),
+        ("[server]\nprot = 1", "server.prot"),
+        ("[limits]\nmax_connections = -1", "limits.max_connections"),
+        ("[limits]\nmax_connections = 1.5", "limits.max_connections"),
+        ("[nope]\nx = 1", "nope"),
+        ("[namespaces.chat]\npresence = 'yes'", "namespaces.chat.presence"),
+        ("[namespaces.chat]\njoin_leave = true", "namespaces.chat.join_leave"),
+        ("[namespaces.'bad name']\npresence = true", "namespaces.bad name"),
+        ("[auth]\ntoken_secret = 'short'", "auth.token_secret"),
+        ("[auth]\ntoken_algorithms = ['RS256']", "auth.token_public_key"),
+        ("[server]\nlog_level = 'loud'", "server.log_level"),
+        ("this is = not toml =", "--config"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={})
+    assert info.value.key == key
+
+
+def test_bad_env_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"SQUALL_SERVER_PORT": "eighty"})
+    assert "SQUALL_SERVER_PORT" in info.value.key
+
+
+def test_check_config_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("SQUALL_")]:
+        monkeypatch.delenv(var)
+    good = write(tmp_path, "[server]\nport = 8100\n")
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert "config OK" in capsys.readouterr().out
+    bad = write(tmp_path, "[limits]\nsend_queue_bytes = 0\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "limits.send_queue_bytes" in err
+    assert err.count("\n") == 1
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "conf" / "squall.example.toml"
+    s = load_settings(example, env={})
+    assert "chat" in s.namespaces
+
+
+def test_secrets_generated_once_private_and_reused(tmp_path: Path) -> None:
+    s = load_settings(env={}, overrides={"server.data_dir": str(tmp_path)})
+    path = ensure_secrets(s)
+    assert path == tmp_path / "secrets.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = (s.auth.token_secret, s.auth.api_key)
+    assert len(first[0]) >= 32 and len(first[1]) >= 16
+    again = load_settings(env={}, overrides={"server.data_dir": str(tmp_path)})
+    ensure_secrets(again)
+    assert (again.auth.token_secret, again.auth.api_key) == first
+    # Environment wins over the generated file.
+    env = {"SQUALL_API_KEY": "from-the-environment-1234"}
+    third = load_settings(env=env, overrides={"server.data_dir": str(tmp_path)})
+    ensure_secrets(third)
+    assert third.auth.api_key == "from-the-environment-1234"
+    assert third.auth.token_secret == first[0]
+
+
+def test_token_command_uses_the_generated_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.auth import Authenticator
+
+    for var in [v for v in os.environ if v.startswith("SQUALL_")]:
+        monkeypatch.delenv(var)
+    assert main(["token", "--data-dir", str(tmp_path), "--sub", "ann", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    s = load_settings(env={}, overrides={"server.data_dir": str(tmp_path)})
+    ensure_secrets(s)
+    assert Authenticator(s.auth).verify_connection_token(token).user == "ann"
+    assert main(["token", "--data-dir", str(tmp_path), "--sub", "ann", "--channel", "dm:1"]) == 0
+    sub_token = capsys.readouterr().out.strip()
+    exp = Authenticator(s.auth).verify_subscription_token(
+        sub_token, user="ann", client="any", channel="dm:1"
+    )
+    assert exp > 0

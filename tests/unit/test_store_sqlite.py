@@ -1,0 +1,102 @@
+"""The Store contract on the embedded SQLite log, and durable channels."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from server.models import Publication
+from server.store import StoreUnavailable
+from server.store.sqlite import SQLiteStore
+from tests.conftest import ServerFactory
+from tests.contract_store import *  # noqa: F403 - the shared contract tests
+from tests.contract_store import pub
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "log.sqlite3")
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite3"
+    first = SQLiteStore(path)
+    await first.start()
+    await first.append([pub("a", 1), pub("a", 2)])
+    await first.close()
+    second = SQLiteStore(path)
+    await second.start()
+    assert [p.offset for p in await second.read("a", "e1", limit=10)] == [1, 2]
+    await second.close()
+
+
+PERSIST = {"namespaces": {"log": {"persist": True, "history_size": 3, "allow_publish": True}}}
+
+
+async def test_durable_channel_keeps_epoch_and_history_across_restart(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    data_dir = str(tmp_path / "durable")
+    config = {**PERSIST, "server": {"data_dir": data_dir}}
+    first = await make_server(config)
+    api = first.api()
+    results = [await api.publish("log:a", {"n": i}) for i in range(10)]
+    epoch = results[0]["epoch"]
+    # History past the broker's 3-publication window comes from the log.
+    history = await api.history("log:a", limit=100)
+    assert [p["data"]["n"] for p in history["publications"]] == list(range(10))
+    await first.node.close()
+
+    second = await make_server(config)
+    raw = await second.connected()
+    reply = await raw.call(
+        "subscribe", {"channel": "log:a", "recover": True, "offset": 2, "epoch": epoch}
+    )
+    result = reply["result"]
+    assert result["recovered"] is True
+    assert result["epoch"] == epoch
+    assert [p["offset"] for p in result["publications"]] == list(range(3, 11))
+    after = await second.api().publish("log:a", {"n": 10})
+    assert (after["offset"], after["epoch"]) == (11, epoch)
+
+
+class FailingStore(SQLiteStore):
+    """The real SQLite log with a switch that makes appends fail."""
+
+    failing = False
+
+    async def append(self, pubs: Sequence[Publication]) -> None:
+        if self.failing:
+            raise StoreUnavailable("disk on fire")
+        await super().append(pubs)
+
+
+async def test_store_failure_fails_the_publish_and_delivers_nothing(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    store = FailingStore(tmp_path / "failing.sqlite3")
+    server = await make_server(PERSIST, store=store)
+    raw = await server.connected()
+    await raw.call("subscribe", {"channel": "log:x"})
+    api = server.api()
+    await api.publish("log:x", "ok-1")
+    assert (await raw.push("pub"))["pub"]["data"] == "ok-1"
+    store.failing = True
+    reply = await raw.call("publish", {"channel": "log:x", "data": "lost"})
+    assert reply["error"]["code"] == 114
+    from server.client import ApiError
+
+    with pytest.raises(ApiError) as info:
+        await api.publish("log:x", "lost")
+    assert info.value.status == 503
+    store.failing = False
+    second = await api.publish("log:x", "ok-2")
+    assert second["offset"] == 2  # no offset was used up by the failures
+    push = await raw.push("pub")
+    assert push["pub"]["data"] == "ok-2"
+    assert [p["data"] for p in (await api.history("log:x"))["publications"]] == ["ok-1", "ok-2"]
