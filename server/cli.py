@@ -152,6 +152,7 @@ def serve(settings: Settings, secrets_path: Path | None) -> int:
 
 async def _serve(settings: Settings, secrets_path: Path | None) -> int:
     import tornado.httpserver
+    import tornado.netutil
 
     from server.app import make_app, max_body_size
     from server.node import Node
@@ -163,13 +164,15 @@ async def _serve(settings: Settings, secrets_path: Path | None) -> int:
         app, max_body_size=max_body_size(node), xheaders=True, idle_connection_timeout=60
     )
     try:
-        server.listen(settings.server.port, settings.server.host)
+        sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
     except OSError:
         await node.close()
         raise
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]  # the real one when port 0 asked for any
     host = settings.server.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - display only
-    base = f"{shown}:{settings.server.port}"
+    base = f"{shown}:{port}"
     lines = [
         f"Squall {__version__} serving on http://{base}/ (node {node.node_id})",
         f"  WebSocket: ws://{base}/connection/websocket",

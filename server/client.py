@@ -150,7 +150,11 @@ class Client:
         )
         params = {"token": self.token} if self.token else {}
         self._send({"id": self._new_id(), "method": "connect", "params": params})
-        reply = await self._read_reply()
+        try:
+            reply = await self._read_reply()
+        except BaseException:
+            self._ws.close()
+            raise
         if "error" in reply:
             self._ws.close()
             raise ReplyError(reply["error"]["code"], reply["error"]["message"])
@@ -308,6 +312,7 @@ class Client:
                 continue
             self.close_code = self._ws.close_code
             self.close_reason = self._ws.close_reason
+            self._ws.close()  # release it on our side too
             self._connected.clear()
             self._fail_waiters(ConnectionClosed(self.close_code, self.close_reason))
             if self._closing or not self.reconnect or not _should_reconnect(self.close_code):

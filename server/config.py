@@ -30,7 +30,7 @@ class ConfigError(Exception):
 @dataclass(slots=True)
 class ServerSettings:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # 0 picks a free port, printed at start
     data_dir: str = "./data"
     # Origins allowed to open a WebSocket or SSE stream from a browser. Empty:
     # same origin only (the Origin's host must equal the Host header). "*": any.
@@ -156,7 +156,6 @@ ENV_IGNORED = {"SQUALL_CONFIG", "SQUALL_REQUIRE_SERVICES"}
 
 # Positive numbers that must be > 0; everything else numeric must be >= 0.
 _POSITIVE = {
-    "port",
     "max_frame_bytes",
     "max_publication_bytes",
     "max_channels_per_connection",
@@ -213,7 +212,7 @@ def _coerce(key: str, value: Any, kind: type[Any], *, from_text: bool) -> Any:
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value!r}")
         if name == "port" and value > 65535:
-            raise ConfigError(key, f"must be a TCP port (1-65535), got {value!r}")
+            raise ConfigError(key, f"must be a TCP port (0-65535; 0 picks one), got {value!r}")
         return kind(value)
     if kind is list:
         if from_text and isinstance(value, str):

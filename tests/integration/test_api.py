@@ -11,8 +11,6 @@ import tornado.httpclient
 from server.client import ApiError
 from tests.conftest import Running, ServerFactory, wait_for
 
-pytestmark = pytest.mark.asyncio
-
 
 async def post(
     server: Running, path: str, body: bytes | str, key: str | None = None

@@ -10,8 +10,6 @@ import tornado.websocket
 
 from tests.conftest import ServerFactory, wait_for
 
-pytestmark = pytest.mark.asyncio
-
 
 async def test_channels_per_connection(make_server: ServerFactory) -> None:
     server = await make_server({"limits": {"max_channels_per_connection": 2}})

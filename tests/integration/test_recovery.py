@@ -9,11 +9,8 @@ import socket
 import struct
 
 import orjson
-import pytest
 
 from tests.conftest import Running, ServerFactory, wait_for
-
-pytestmark = pytest.mark.asyncio
 
 
 async def test_recover_exactly_the_missed_publications(server: Running) -> None:

@@ -10,8 +10,6 @@ import pytest
 
 from tests.conftest import Running, ServerFactory, wait_for
 
-pytestmark = pytest.mark.asyncio
-
 
 class SSEStream:
     """A minimal EventSource over a raw socket: we must be able to drop the

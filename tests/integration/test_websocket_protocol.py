@@ -8,8 +8,6 @@ import pytest
 
 from tests.conftest import Running, ServerFactory
 
-pytestmark = pytest.mark.asyncio
-
 
 async def test_connect_returns_client_id_and_expiry(server: Running) -> None:
     raw = await server.raw()
