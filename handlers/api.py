@@ -140,7 +140,10 @@ class ApiHandler(JSONHandler):
         user = body.get("user")
         if not isinstance(user, str):
             raise errors.BadRequest("'user' must be a string")
-        await self.node.disconnect_user(user)
+        reconnect = body.get("reconnect", False)
+        if not isinstance(reconnect, bool):
+            raise errors.BadRequest("'reconnect' must be true or false")
+        await self.node.disconnect_user(user, reconnect=reconnect)
         return {}
 
     async def unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:

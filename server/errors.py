@@ -137,34 +137,24 @@ class Disconnect:
 
 # Reconnect range.
 SHUTDOWN = Disconnect(3001, "shutdown")
-INTERNAL = Disconnect(3004, "internal server error")
 EXPIRED = Disconnect(3005, "token expired")
 SLOW = Disconnect(3008, "slow")
 WRITE_ERROR = Disconnect(3009, "write error")
 FORCE_RECONNECT = Disconnect(3011, "force reconnect")
-NO_PONG = Disconnect(3012, "no pong")
-TOO_MANY_REQUESTS = Disconnect(3013, "too many requests")
 # Do-not-reconnect range.
 INVALID_TOKEN = Disconnect(3500, "invalid token")
 BAD_REQUEST = Disconnect(3501, "bad request")
 CONNECT_TIMEOUT = Disconnect(3502, "connect timeout")
 FORCE_DISCONNECT = Disconnect(3503, "force disconnect")
-PERMISSION_DENIED = Disconnect(3504, "permission denied")
-MESSAGE_TOO_LARGE = Disconnect(3505, "message too large")
 
 ALL_DISCONNECTS = (
     SHUTDOWN,
-    INTERNAL,
     EXPIRED,
     SLOW,
     WRITE_ERROR,
     FORCE_RECONNECT,
-    NO_PONG,
-    TOO_MANY_REQUESTS,
     INVALID_TOKEN,
     BAD_REQUEST,
     CONNECT_TIMEOUT,
     FORCE_DISCONNECT,
-    PERMISSION_DENIED,
-    MESSAGE_TOO_LARGE,
 )

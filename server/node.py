@@ -462,8 +462,9 @@ class Node:
             return
         sessions = list(self.users.get(user, {}))
         if op == "disconnect":
+            how = errors.FORCE_RECONNECT if command.get("reconnect") else errors.FORCE_DISCONNECT
             for session in sessions:
-                session.disconnect(errors.FORCE_DISCONNECT)
+                session.disconnect(how)
         elif op == "unsubscribe":
             channel = command.get("channel")
             for session in sessions:
@@ -476,8 +477,10 @@ class Node:
 
     # ---- cluster-wide control (the API's disconnect and unsubscribe) ----
 
-    async def disconnect_user(self, user: str) -> None:
-        await self._control({"op": "disconnect", "user": user})
+    async def disconnect_user(self, user: str, *, reconnect: bool = False) -> None:
+        """Close every connection of ``user`` on every node: with 3503 (stay
+        away), or with 3011 when ``reconnect`` (come back, e.g. elsewhere)."""
+        await self._control({"op": "disconnect", "user": user, "reconnect": reconnect})
 
     async def unsubscribe_user(self, user: str, channel: str) -> None:
         await self._control({"op": "unsubscribe", "user": user, "channel": channel})

@@ -73,8 +73,8 @@ async def test_get_token_is_called_on_every_connect(make_server: ServerFactory) 
     client = Client(server.ws_url, get_token=get_token, min_backoff=0.01)
     await client.connect()
     await client.subscribe("news")
-    for session in list(server.node.sessions.values()):
-        session.disconnect(errors.FORCE_RECONNECT)
+    await server.api().call("disconnect", {"user": "alice", "reconnect": True})
     await wait_for(lambda: client.connects == 2)
+    assert client.close_code == 3011
     assert len(calls) == 2
     await client.close()
