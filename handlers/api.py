@@ -64,18 +64,9 @@ class ApiHandler(JSONHandler):
             "info": self.info,
         }
 
-    def _data(self, body: dict[str, Any]) -> bytes:
-        if "data" not in body:
-            raise errors.BadRequest("'data' is required")
-        data = orjson.dumps(body["data"])
-        limit = self.node.settings.limits.max_publication_bytes
-        if len(data) > limit:
-            raise errors.MessageTooLarge(f"data is {len(data)} bytes; the limit is {limit}")
-        return data
-
     async def publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self.node.channels.resolve(body.get("channel"))
-        data = self._data(body)
+        data = self.node.publication_data(body)
         pub = await self.node.publish(channel, data)
         return {"offset": pub.offset, "epoch": pub.epoch}
 
@@ -90,7 +81,7 @@ class ApiHandler(JSONHandler):
         if len(set(map(str, names))) != len(names):
             raise errors.BadRequest("'channels' has duplicates")
         channels: list[Channel] = [self.node.channels.resolve(n) for n in names]
-        data = self._data(body)
+        data = self.node.publication_data(body)
         responses: list[dict[str, Any]] = []
         for channel in channels:
             try:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.base import JSONHandler
@@ -37,21 +34,12 @@ class StatusHandler(JSONHandler):
     with an ETag, so polling it is cheap; Tornado answers a matching
     ``If-None-Match`` with 304."""
 
-    _cache: dict[int, tuple[float, bytes]] = {}
-
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-cache")
 
     def get(self) -> None:
-        key = id(self.node)
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is None or now - cached[0] >= 1.0:
-            body = orjson.dumps({**self.node.info(), "series": self.node.metrics.history()})
-            cached = (now, body)
-            self._cache[key] = cached
-        self.write(cached[1])
+        self.write(self.node.status_json())
 
 
 class MetricsHandler(JSONHandler):

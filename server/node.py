@@ -76,6 +76,7 @@ class Node:
         self._durable: dict[str, StreamPosition] = {}
         self._running = False
         self._closed = False
+        self._status: tuple[float, bytes] | None = None
         self._all_gone = asyncio.Event()
 
     # ---- life cycle -----------------------------------------------------
@@ -234,6 +235,16 @@ class Node:
             return await self.broker.position(channel.name)
         except BrokerUnavailable as exc:
             raise errors.Unavailable(f"broker: {exc}") from None
+
+    def publication_data(self, params: dict[str, Any]) -> bytes:
+        """``params["data"]`` encoded once, within the size limit."""
+        if "data" not in params:
+            raise errors.BadRequest("'data' is required")
+        data = orjson.dumps(params["data"])
+        limit = self.settings.limits.max_publication_bytes
+        if len(data) > limit:
+            raise errors.MessageTooLarge(f"data is {len(data)} bytes; the limit is {limit}")
+        return data
 
     async def publish(
         self, channel: Channel, data: bytes, *, info: ClientInfo | None = None
@@ -492,6 +503,15 @@ class Node:
             raise errors.Unavailable(f"broker: {exc}") from None
 
     # ---- snapshot -------------------------------------------------------
+
+    def status_json(self) -> bytes:
+        """The /status body, rebuilt at most once a second: dashboards may
+        poll it as often as they like."""
+        now = time.monotonic()
+        if self._status is None or now - self._status[0] >= 1.0:
+            body = orjson.dumps({**self.info(), "series": self.metrics.history()})
+            self._status = (now, body)
+        return self._status[1]
 
     def info(self) -> dict[str, Any]:
         return {

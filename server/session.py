@@ -24,8 +24,6 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 from server import errors, protocol
 from server.channels import Channel
 from server.errors import Disconnect, SquallError
@@ -550,12 +548,7 @@ class Session:
             raise errors.PermissionDenied("anonymous clients cannot publish here")
         if ns.private and channel.name not in self.subs:
             raise errors.PermissionDenied("subscribe to a private channel before publishing")
-        if "data" not in params:
-            raise errors.BadRequest("'data' is required")
-        data = orjson.dumps(params["data"])
-        limit = self.node.settings.limits.max_publication_bytes
-        if len(data) > limit:
-            raise errors.MessageTooLarge(f"data is {len(data)} bytes; the limit is {limit}")
+        data = self.node.publication_data(params)
         pub = await self.node.publish(channel, data, info=self.info)
         return {"offset": pub.offset, "epoch": pub.epoch}
 

@@ -71,3 +71,10 @@ async def test_recover_off_in_namespace(make_server: ServerFactory) -> None:
     assert result["recoverable"] is False
     assert result["recovered"] is False
     assert "publications" not in result
+
+
+async def test_index_page(server: Running) -> None:
+    page = await fetch(server, "/")
+    assert page.code == 200
+    assert server.node.version in page.body.decode()
+    assert "/connection/websocket" in page.body.decode()

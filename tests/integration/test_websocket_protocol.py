@@ -227,3 +227,20 @@ async def test_publication_size_limit(make_server: ServerFactory) -> None:
     code, _ = await raw.closed()
     assert code == 1009  # frame over the WebSocket message size limit
     assert (await server.api().history("chat:a"))["offset"] == 0
+
+
+async def test_internal_error_is_code_100_and_the_connection_survives(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = await server.connected()
+    await raw.call("subscribe", {"channel": "news"})
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    server.node.broker.history = broken  # type: ignore[method-assign]
+    reply = await raw.call("history", {"channel": "news"})
+    assert reply["error"] == {"code": 100, "message": "internal server error"}
+    assert "bug" not in str(reply)  # details go to the log, not to the client
+    assert "RuntimeError" in caplog.text
+    assert "result" in await raw.call("ping")
