@@ -214,3 +214,10 @@ async def server(make_server: ServerFactory) -> Running:
 
 def services_required() -> bool:
     return os.environ.get("SQUALL_REQUIRE_SERVICES") == "1"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, like `squall serve`."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
