@@ -146,4 +146,4 @@ class ApiHandler(JSONHandler):
         return {}
 
     async def info(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"nodes": [self.node.info()]}
+        return await self.node.cluster_info()

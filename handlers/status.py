@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.base import JSONHandler
@@ -38,8 +39,14 @@ class StatusHandler(JSONHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-cache")
 
-    def get(self) -> None:
-        self.write(self.node.status_json())
+    async def get(self) -> None:
+        scope = self.get_query_argument("scope", "node")
+        if scope == "cluster":
+            self.write(orjson.dumps(await self.node.cluster_info()))
+        elif scope == "node":
+            self.write(self.node.status_json())
+        else:
+            self.write_json({"error": {"code": 107, "message": "scope is node or cluster"}}, 400)
 
 
 class MetricsHandler(JSONHandler):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from server.models import HistoryOptions
 
@@ -80,7 +81,17 @@ class LimitSettings:
 
 @dataclass(slots=True)
 class BrokerSettings:
+    # Empty: the embedded broker. redis://host:port/db; several comma-separated
+    # redis:// URLs shard channels; redis+cluster://host:port uses Redis Cluster.
     url: str = ""
+    prefix: str = "squall"
+    timeout: float = 5.0
+    # Seconds a crashed node's clients stay in presence at most.
+    presence_ttl: float = 30.0
+    # Seconds between checks that no publication was lost on the way.
+    position_check_interval: float = 10.0
+    # Seconds between reports of this node's stats to the cluster view.
+    node_report_interval: float = 5.0
 
 
 @dataclass(slots=True)
@@ -142,6 +153,7 @@ SECTIONS: dict[str, type[Any]] = {
 
 # Short names operators script; each maps to a dotted key.
 ENV_ALIASES = {
+    "SQUALL_BROKER_URL": "broker.url",
     "SQUALL_API_KEY": "auth.api_key",
     "SQUALL_TOKEN_SECRET": "auth.token_secret",
     "SQUALL_TOKEN_PUBLIC_KEY": "auth.token_public_key",
@@ -169,6 +181,10 @@ _POSITIVE = {
     "max_broadcast_channels",
     "max_recovery_publications",
     "max_sse_channels",
+    "timeout",
+    "presence_ttl",
+    "position_check_interval",
+    "node_report_interval",
 }
 _CHOICES = {
     "server.log_level": {"debug", "info", "warning", "error"},
@@ -298,8 +314,13 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("auth.token_secret", "must be at least 32 bytes long")
     if settings.auth.api_key and len(settings.auth.api_key) < 16:
         raise ConfigError("auth.api_key", "must be at least 16 characters")
-    if settings.broker.url and not settings.broker.url.startswith("memory"):
-        raise ConfigError("broker.url", "only the embedded broker is available in this build")
+    for url in (u.strip() for u in settings.broker.url.split(",") if u.strip()):
+        if urlsplit(url).scheme not in ("redis", "rediss", "redis+cluster"):
+            raise ConfigError(
+                "broker.url", f"expected redis://, rediss:// or redis+cluster:// URLs, got {url!r}"
+            )
+    if settings.broker.url.count("redis+cluster://") not in (0, settings.broker.url.count("://")):
+        raise ConfigError("broker.url", "do not mix redis+cluster:// with other URLs")
     limits = settings.limits
     if limits.max_frame_bytes < limits.max_publication_bytes + 1024:
         raise ConfigError(

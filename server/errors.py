@@ -140,6 +140,7 @@ SHUTDOWN = Disconnect(3001, "shutdown")
 EXPIRED = Disconnect(3005, "token expired")
 SLOW = Disconnect(3008, "slow")
 WRITE_ERROR = Disconnect(3009, "write error")
+INSUFFICIENT_STATE = Disconnect(3010, "insufficient state")
 FORCE_RECONNECT = Disconnect(3011, "force reconnect")
 # Do-not-reconnect range.
 INVALID_TOKEN = Disconnect(3500, "invalid token")
@@ -152,6 +153,7 @@ ALL_DISCONNECTS = (
     EXPIRED,
     SLOW,
     WRITE_ERROR,
+    INSUFFICIENT_STATE,
     FORCE_RECONNECT,
     INVALID_TOKEN,
     BAD_REQUEST,

@@ -65,6 +65,9 @@ class Hub:
                 session.send(message)
         return len(subs)
 
+    def sessions(self, channel: str) -> list[Session]:
+        return list(self._channels.get(channel, ()))
+
     def subscribers(self, channel: str) -> int:
         subs = self._channels.get(channel)
         return len(subs) if subs else 0

@@ -42,7 +42,19 @@ class Recovery:
 
 
 def build_broker(settings: Settings) -> Broker:
-    return MemoryBroker()
+    b = settings.broker
+    if not b.url:
+        return MemoryBroker()
+    from server.broker.redis import RedisBroker
+
+    return RedisBroker(
+        b.url,
+        prefix=b.prefix,
+        timeout=b.timeout,
+        presence_ttl=b.presence_ttl,
+        position_check_interval=b.position_check_interval,
+        node_ttl=b.node_report_interval * 3,
+    )
 
 
 def build_store(settings: Settings) -> Store:
@@ -83,9 +95,14 @@ class Node:
 
     async def start(self) -> None:
         await self.store.start()
-        await self.broker.start(self)
+        try:
+            await self.broker.start(self)
+        except BrokerUnavailable:
+            await self.store.close()
+            raise
         self.metrics.start()
         self._running = True
+        self.spawn(self._report_forever())
         log.info(
             "node %s started (broker=%s, store=%s)", self.node_id, self.broker.name, self.store.name
         )
@@ -463,6 +480,16 @@ class Node:
     def on_leave(self, channel: str, info: ClientInfo) -> None:
         self.hub.broadcast(channel, protocol.leave_push(channel, info), skip_client=info.client)
 
+    def on_unrecoverable(self, channel: str) -> None:
+        """Publications were lost on the way here: this node's subscribers of
+        ``channel`` reconnect and recover (and learn of any real gap)."""
+        sessions = self.hub.sessions(channel)
+        if sessions:
+            log.warning("%s: lost publications; %d subscribers will recover", channel,
+                        len(sessions))  # fmt: skip
+        for session in sessions:
+            session.disconnect(errors.INSUFFICIENT_STATE)
+
     def on_control(self, message: bytes) -> None:
         try:
             command = orjson.loads(message)
@@ -503,6 +530,32 @@ class Node:
             raise errors.Unavailable(f"broker: {exc}") from None
 
     # ---- snapshot -------------------------------------------------------
+
+    async def _report_forever(self) -> None:
+        interval = self.settings.broker.node_report_interval
+        while True:
+            try:
+                await self.broker.report_node(self.node_id, self.info())
+            except BrokerUnavailable as exc:
+                log.debug("node report failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def cluster_info(self) -> dict[str, Any]:
+        """Every live node's stats (this one fresh) and their totals."""
+        try:
+            nodes = {n["node"]: n for n in await self.broker.nodes() if "node" in n}
+        except BrokerUnavailable:
+            nodes = {}
+        nodes[self.node_id] = self.info()
+        listed = sorted(nodes.values(), key=lambda n: str(n["node"]))
+        totals = {
+            key: sum(int(n.get(key, 0)) for n in listed) for key in ("connections", "subscriptions")
+        }
+        rates = {
+            key: round(sum(float(n.get("rates", {}).get(key, 0)) for n in listed), 2)
+            for key in ("publications_in", "deliveries", "messages_out")
+        }
+        return {"nodes": listed, "totals": {**totals, "nodes": len(listed), "rates": rates}}
 
     def status_json(self) -> bytes:
         """The /status body, rebuilt at most once a second: dashboards may

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,3 +221,42 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+# ---- real services ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_shards(redis_server: Any) -> Iterator[list[Any]]:
+    """Two Redis servers for sharding: the session's one and another."""
+    from tests.services import RedisServer
+
+    second = RedisServer().start()
+    yield [redis_server, second]
+    second.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    from tests.services import RedisCluster
+
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A Redis key prefix of this test's own: tests share Redis servers."""
+    import secrets
+
+    return "t" + secrets.token_hex(4)

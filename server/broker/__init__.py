@@ -18,7 +18,7 @@ Guarantees every implementation keeps (the contract tests check them):
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 
@@ -45,6 +45,11 @@ class BrokerHandler(Protocol):
     def on_leave(self, channel: str, info: ClientInfo) -> None: ...
 
     def on_control(self, message: bytes) -> None: ...
+
+    def on_unrecoverable(self, channel: str) -> None:
+        """Publications of ``channel`` were lost between the broker and this
+        node and cannot be read back: local subscribers must recover."""
+        ...
 
 
 class Broker(Protocol):
@@ -104,6 +109,15 @@ class Broker(Protocol):
 
     async def publish_control(self, message: bytes) -> None:
         """Deliver ``message`` to every node's ``on_control``, this one too."""
+        ...
+
+    async def report_node(self, node_id: str, info: dict[str, Any]) -> None:
+        """Publish this node's stats for the cluster view; they expire unless
+        reported again."""
+        ...
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The latest stats of every live node."""
         ...
 
     def healthy(self) -> bool: ...

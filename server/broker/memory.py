@@ -11,6 +11,7 @@ import secrets
 import time
 from collections import deque
 from contextlib import suppress
+from typing import Any
 
 from server.broker import BrokerHandler, OffsetConflict
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
@@ -47,6 +48,7 @@ class MemoryBroker:
         self._handler: BrokerHandler | None = None
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
+        self._node_info: dict[str, Any] = {}
 
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
@@ -160,6 +162,12 @@ class MemoryBroker:
     async def publish_control(self, message: bytes) -> None:
         if self._handler is not None:
             self._handler.on_control(message)
+
+    async def report_node(self, node_id: str, info: dict[str, Any]) -> None:
+        self._node_info = info
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return [self._node_info] if self._node_info else []
 
     def sweep(self, now: float | None = None) -> int:
         """Drop streams whose history is gone and whose metadata has expired."""

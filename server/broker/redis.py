@@ -1,0 +1,732 @@
+"""The Redis broker: channel streams, fan-out to every node, presence and the
+cluster view in Redis (redis-py asyncio, hiredis, RESP2 on pub/sub).
+
+Topologies, chosen by the URL:
+
+- ``redis://host:port/db``: one Redis.
+- ``redis://a:6379,redis://b:6379``: channels are spread over several
+  independent Redis servers by a consistent hash of the channel name (jump
+  hash), so adding a shard moves only about 1/N of the channels. Control
+  messages and the node registry live on the first.
+- ``redis+cluster://host:port[,host:port]``: a Redis Cluster (7+), with
+  sharded pub/sub (SSUBSCRIBE/SPUBLISH) so a publication travels only inside
+  its slot's shard.
+
+Every node, the publishing one included, delivers what it receives from
+Redis pub/sub, so all nodes see a channel in offset order. Redis drops a
+pub/sub connection that passes its output-buffer limit and redis-py
+reconnects silently, so the broker checks that each channel's offsets arrive
+without gaps and fills a gap from the channel's history before it delivers
+what follows. It also re-reads every channel's position after a reconnect and
+every ``position_check_interval`` seconds, so a lost *last* publication is
+found too. A gap that history can no longer fill is reported to the node
+(``on_unrecoverable``), which tells its subscribers to recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict
+from server.broker import redis_lua as lua
+from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
+
+log = logging.getLogger("squall.broker.redis")
+T = TypeVar("T")
+
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+DEFAULT_META_TTL = 86400
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Lamping & Veach's jump consistent hash: bucket in [0, buckets)."""
+    b, j = -1, 0
+    while j < buckets:
+        b = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * (float(1 << 31) / float((key >> 33) + 1)))
+    return b
+
+
+def _channel_key(channel: str) -> int:
+    return int.from_bytes(hashlib.blake2b(channel.encode(), digest_size=8).digest(), "big")
+
+
+def _new_epoch() -> str:
+    return secrets.token_urlsafe(6)
+
+
+def encode_tail(data: bytes, info: ClientInfo | None) -> bytes:
+    """What follows ``p<offset> <epoch> <time> `` in a pub/sub message."""
+    info_bytes = orjson.dumps(info.to_json()) if info is not None else b""
+    return b"%d %s%s" % (len(info_bytes), info_bytes, data)
+
+
+def decode_message(channel: str, message: bytes) -> Publication:
+    """Parse ``p<offset> <epoch> <time_ms> <info_len> <info><data>``."""
+    head, epoch, time_ms, info_len, rest = message[1:].split(b" ", 4)
+    n = int(info_len)
+    info = ClientInfo.from_json(orjson.loads(rest[:n])) if n else None
+    return Publication(channel, int(head), epoch.decode(), rest[n:], info, int(time_ms))
+
+
+class _PubSub:
+    """One pub/sub connection (RESP2) and the task that reads it."""
+
+    def __init__(self, broker: RedisBroker, url: str, label: str, *, sharded: bool) -> None:
+        self.broker = broker
+        self.url = url
+        self.label = label
+        self.sharded = sharded
+        self.pubsub: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.healthy = False
+        self.confirmations: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        timeout = self.broker.timeout
+        # No socket timeout (it waits for messages), health checks instead;
+        # RESP2, which reads messages twice as fast as RESP3 here.
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=timeout,
+            socket_timeout=None,
+            health_check_interval=10,
+            protocol=2,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
+        )
+        self.pubsub = client.pubsub()
+        # A first subscription opens the connection (a plain channel, allowed
+        # on any cluster node). On every reconnect after it, redis-py
+        # resubscribes and then calls ``_on_connect``.
+        await self.pubsub.subscribe(self.broker.shard_channel)
+        self.pubsub.connection.register_connect_callback(self._on_connect)
+        self.healthy = True
+        self.reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        if self.pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self.pubsub.aclose()
+
+    async def _on_connect(self, connection: Any) -> None:
+        if not self.healthy:
+            log.info("redis %s: pub/sub reconnected", self.label)
+        self.healthy = True
+        self.broker.spawn(self.broker.resync(self))
+
+    async def subscribe(self, names: Sequence[str]) -> None:
+        """Subscribe and wait until Redis confirms every name."""
+        loop = asyncio.get_running_loop()
+        waiters = []
+        for name in names:
+            fut = self.confirmations.get(name)
+            if fut is None or fut.done():
+                fut = self.confirmations[name] = loop.create_future()
+            waiters.append(fut)
+        if self.sharded:
+            await self.pubsub.ssubscribe(*names)
+        else:
+            await self.pubsub.subscribe(*names)
+        await asyncio.wait_for(asyncio.gather(*waiters), self.broker.timeout)
+
+    async def unsubscribe(self, names: Sequence[str]) -> None:
+        if self.sharded:
+            await self.pubsub.sunsubscribe(*names)
+        else:
+            await self.pubsub.unsubscribe(*names)
+
+    async def _read_forever(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                message = await self.pubsub.get_message(
+                    ignore_subscribe_messages=False, timeout=1.0
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.healthy:
+                    log.warning("redis %s: pub/sub connection lost: %s", self.label, exc)
+                self.healthy = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = message["channel"]
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            if kind in ("message", "smessage"):
+                try:
+                    self.broker.on_message(channel, message["data"])
+                except Exception:
+                    log.exception("bad pub/sub message on %s", channel)
+            elif kind in ("subscribe", "ssubscribe"):
+                fut = self.confirmations.pop(channel, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+
+class _Shard:
+    """One Redis server, or a whole Redis Cluster: a command client with the
+    scripts, and the pub/sub connections (one, or one per cluster master)."""
+
+    def __init__(self, broker: RedisBroker, url: str, index: int) -> None:
+        self.broker = broker
+        self.url = url
+        self.index = index
+        self.cluster = url.startswith("redis+cluster://")
+        self.client: Any = None
+        self.scripts: dict[str, Any] = {}
+        self.pubsubs: dict[str, _PubSub] = {}
+
+    async def start(self) -> None:
+        timeout = self.broker.timeout
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "protocol": 2,
+        }
+        if self.cluster:
+            nodes = []
+            for part in self.url[len("redis+cluster://") :].split(","):
+                host, _, port = part.strip().rstrip("/").rpartition(":")
+                nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+            self.client = RedisCluster(startup_nodes=nodes, **kwargs)
+            await self.client.initialize()
+            for node in self.client.get_primaries():
+                url = f"redis://{node.host}:{node.port}/0"
+                self.pubsubs[node.name] = _PubSub(self.broker, url, node.name, sharded=True)
+        else:
+            kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
+            self.client = aioredis.Redis.from_url(self.url, **kwargs)
+            self.pubsubs[self.url] = _PubSub(
+                self.broker, self.url, f"shard {self.index}", sharded=False
+            )
+        for name, source in self.broker.script_sources.items():
+            self.scripts[name] = self.client.register_script(source)
+        await self.client.ping()
+        for pubsub in self.pubsubs.values():
+            await pubsub.start()
+
+    async def close(self) -> None:
+        for pubsub in self.pubsubs.values():
+            await pubsub.close()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        return all(p.healthy for p in self.pubsubs.values())
+
+    def pubsub_for(self, pubsub_name: str) -> _PubSub:
+        if not self.cluster:
+            return next(iter(self.pubsubs.values()))
+        node = self.client.get_node_from_key(pubsub_name)
+        return self.pubsubs[node.name]
+
+
+class RedisBroker:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "squall",
+        timeout: float = 5.0,
+        presence_ttl: float = 30.0,
+        position_check_interval: float = 10.0,
+        node_ttl: float = 15.0,
+    ) -> None:
+        self.prefix = prefix
+        self.timeout = timeout
+        self.presence_ttl = presence_ttl
+        self.position_check_interval = position_check_interval
+        self.node_ttl = node_ttl
+        urls = [u.strip() for u in url.split(",") if u.strip()]
+        if urls and urls[0].startswith("redis+cluster://"):
+            # One client for the whole cluster; its seed nodes are the list.
+            urls = ["redis+cluster://" + ",".join(u.split("://", 1)[-1] for u in urls)]
+        self.shards = [_Shard(self, u, i) for i, u in enumerate(urls)]
+        self.sharded_pubsub = self.shards[0].cluster
+        self.shard_channel = f"{prefix}:{{shard}}"
+        self.control_channel = f"{prefix}:{{control}}"
+        self.script_sources = {
+            "publish": lua.PUBLISH,
+            "history": lua.HISTORY,
+            "position": lua.POSITION,
+            "seed": lua.SEED,
+            "presence_add": lua.PRESENCE_ADD,
+            "presence_get": lua.PRESENCE_GET,
+            "node_report": lua.NODE_REPORT,
+            "node_list": lua.NODE_LIST,
+        }
+        self._handler: BrokerHandler | None = None
+        self._subscribed: set[str] = set()
+        self._last: dict[str, StreamPosition] = {}
+        self._held: dict[str, list[Publication]] = {}
+        self._local_presence: dict[tuple[str, str], bytes] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending_sub: dict[str, asyncio.Future[None]] = {}
+        self._pending_unsub: set[str] = set()
+        self._batch_scheduled = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._ok = False
+
+    # ---- life cycle -----------------------------------------------------
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        try:
+            for shard in self.shards:
+                await shard.start()
+            await self.shards[0].pubsub_for(self.control_channel).subscribe([self.control_channel])
+        except _REDIS_ERRORS as exc:
+            await self.close()
+            raise BrokerUnavailable(f"cannot reach Redis at {self._safe_urls()}: {exc}") from None
+        self._ok = True
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._every(self.position_check_interval, self._check_positions)),
+            loop.create_task(self._every(self.presence_ttl / 3, self._presence_heartbeat)),
+        ]
+
+    async def close(self) -> None:
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops = []
+        for shard in self.shards:
+            await shard.close()
+
+    def _safe_urls(self) -> str:
+        """The URLs without passwords, for messages and logs."""
+        out = []
+        for shard in self.shards:
+            parts = urlsplit(shard.url.split(",")[0])
+            out.append(f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}")
+        return ", ".join(out)
+
+    def healthy(self) -> bool:
+        return self._ok and all(s.healthy for s in self.shards)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("redis broker task failed", exc_info=task.exception())
+
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except (BrokerUnavailable, *_REDIS_ERRORS) as exc:
+                log.debug("periodic step failed: %s", exc)
+
+    # ---- keys and routing -----------------------------------------------
+
+    def _shard(self, channel: str) -> _Shard:
+        if len(self.shards) == 1:
+            return self.shards[0]
+        return self.shards[jump_hash(_channel_key(channel), len(self.shards))]
+
+    def _pubsub(self, channel: str) -> _PubSub:
+        return self._shard(channel).pubsub_for(self.pubsub_name(channel))
+
+    def _keys(self, channel: str) -> list[str]:
+        tag = f"{self.prefix}:{{{channel}}}"
+        return [f"{tag}:meta", f"{tag}:hist"]
+
+    def pubsub_name(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}"
+
+    def _channel_of(self, pubsub_name: str) -> str:
+        return pubsub_name[len(self.prefix) + 2 : -1]
+
+    async def _call(self, shard: _Shard, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await shard.scripts[script](keys=keys, args=args)
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+
+    # ---- streams --------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None,
+        history: HistoryOptions,
+        at: StreamPosition | None = None,
+        time_ms: int | None = None,
+    ) -> Publication:
+        time_ms = int(time.time() * 1000) if time_ms is None else time_ms
+        args = [
+            encode_tail(data, info),
+            history.size,
+            max(1, int(history.ttl * 1000)),
+            max(1, int(history.meta_ttl)),
+            _new_epoch(),
+            self.pubsub_name(channel),
+            at.offset if at is not None else 0,
+            at.epoch if at is not None else "",
+            time_ms,
+            "1" if self.sharded_pubsub else "0",
+        ]
+        ok, offset, epoch = await self._call(
+            self._shard(channel), "publish", self._keys(channel), args
+        )
+        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
+        if not ok:
+            raise OffsetConflict(StreamPosition(int(offset), epoch))
+        return Publication(channel, int(offset), epoch, data, info, time_ms)
+
+    async def position(self, channel: str) -> StreamPosition:
+        offset, epoch = await self._call(
+            self._shard(channel), "position", self._keys(channel), [_new_epoch(), DEFAULT_META_TTL]
+        )
+        return StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
+
+    async def seed(self, channel: str, position: StreamPosition) -> None:
+        await self._call(
+            self._shard(channel),
+            "seed",
+            self._keys(channel),
+            [position.epoch, position.offset, DEFAULT_META_TTL],
+        )
+
+    async def history(
+        self, channel: str, *, after: int | None, limit: int, reverse: bool = False
+    ) -> HistoryResult:
+        start = "-" if after is None else str(after + 1)
+        offset, epoch, messages = await self._call(
+            self._shard(channel),
+            "history",
+            self._keys(channel),
+            [_new_epoch(), DEFAULT_META_TTL, start, max(0, limit), "1" if reverse else "0"],
+        )
+        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
+        pubs = [decode_message(channel, m) for m in messages]
+        return HistoryResult(pubs, StreamPosition(int(offset), epoch))
+
+    # ---- subscriptions (batched) ----------------------------------------
+
+    async def subscribe(self, channel: str) -> None:
+        if channel in self._subscribed:
+            self._pending_unsub.discard(channel)
+            return
+        fut = self._pending_sub.get(channel)
+        if fut is None:
+            fut = self._pending_sub[channel] = asyncio.get_running_loop().create_future()
+            self._schedule_batch()
+        await asyncio.shield(fut)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel in self._subscribed:
+            self._pending_unsub.add(channel)
+            self._schedule_batch()
+
+    def _schedule_batch(self) -> None:
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: self.spawn(self._run_batch()))
+
+    async def _run_batch(self) -> None:
+        """One SUBSCRIBE (per shard, 500 names at most) for every channel
+        asked for since the last batch, and likewise one UNSUBSCRIBE."""
+        self._batch_scheduled = False
+        pending, self._pending_sub = self._pending_sub, {}
+        unsub, self._pending_unsub = self._pending_unsub, set()
+        groups: dict[_PubSub, list[str]] = {}
+        for channel in pending:
+            groups.setdefault(self._pubsub(channel), []).append(channel)
+        for pubsub, channels in groups.items():
+            for i in range(0, len(channels), 500):
+                chunk = channels[i : i + 500]
+                try:
+                    await pubsub.subscribe([self.pubsub_name(c) for c in chunk])
+                    positions = await self._positions(self._shard(chunk[0]), chunk)
+                except (TimeoutError, BrokerUnavailable, *_REDIS_ERRORS) as exc:
+                    for c in chunk:
+                        if not pending[c].done():
+                            pending[c].set_exception(BrokerUnavailable(f"redis: {exc}"))
+                    continue
+                for c, position in zip(chunk, positions, strict=True):
+                    self._subscribed.add(c)
+                    # The baseline for gap checks, unless a message came first.
+                    self._last.setdefault(c, position)
+                    if not pending[c].done():
+                        pending[c].set_result(None)
+        gone: dict[_PubSub, list[str]] = {}
+        for channel in unsub:
+            if channel in self._subscribed and channel not in self._pending_sub:
+                self._subscribed.discard(channel)
+                self._last.pop(channel, None)
+                gone.setdefault(self._pubsub(channel), []).append(self.pubsub_name(channel))
+        for pubsub, names in gone.items():
+            with contextlib.suppress(*_REDIS_ERRORS):
+                for i in range(0, len(names), 500):
+                    await pubsub.unsubscribe(names[i : i + 500])
+
+    async def _run_many(
+        self, shard: _Shard, script: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run one script many times in one round trip (a pipeline; on a
+        cluster, concurrent calls routed by slot)."""
+        try:
+            if shard.cluster:
+                run = shard.scripts[script]
+                return list(await asyncio.gather(*(run(keys=k, args=a) for k, a in calls)))
+            pipe = shard.client.pipeline(transaction=False)
+            for keys, args in calls:
+                await shard.scripts[script](keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+
+    async def _positions(self, shard: _Shard, channels: Sequence[str]) -> list[StreamPosition]:
+        calls = [(self._keys(c), [_new_epoch(), DEFAULT_META_TTL]) for c in channels]
+        replies = await self._run_many(shard, "position", calls)
+        out = []
+        for offset, epoch in replies:
+            out.append(
+                StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
+            )
+        return out
+
+    # ---- delivery and gap filling ---------------------------------------
+
+    def on_message(self, pubsub_name: str, message: bytes) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        if pubsub_name == self.control_channel:
+            handler.on_control(message)
+            return
+        if pubsub_name == self.shard_channel:
+            return
+        channel = self._channel_of(pubsub_name)
+        kind = message[:1]
+        if kind == b"p":
+            self._accept(decode_message(channel, message))
+        elif kind == b"j":
+            handler.on_join(channel, ClientInfo.from_json(orjson.loads(message[1:])))
+        elif kind == b"l":
+            handler.on_leave(channel, ClientInfo.from_json(orjson.loads(message[1:])))
+
+    def _accept(self, pub: Publication) -> None:
+        channel = pub.channel
+        if channel not in self._subscribed and channel not in self._pending_sub:
+            return
+        held = self._held.get(channel)
+        if held is not None:
+            held.append(pub)
+            return
+        last = self._last.get(channel)
+        if last is not None and last.epoch == pub.epoch:
+            if pub.offset <= last.offset:
+                return  # already delivered (a gap fill got there first)
+            if pub.offset > last.offset + 1:
+                self._held[channel] = [pub]
+                self.spawn(self._fill(channel))
+                return
+        elif last is not None:
+            # The stream restarted under a new epoch: positions held by
+            # subscribers mean nothing now.
+            assert self._handler is not None
+            self._handler.on_unrecoverable(channel)
+        self._last[channel] = pub.position
+        assert self._handler is not None
+        self._handler.on_publication(pub)
+
+    async def _fill(self, channel: str, target: StreamPosition | None = None) -> None:
+        """Deliver, in order, what is missing before the held publications
+        (or up to ``target``), reading it from history."""
+        handler = self._handler
+        assert handler is not None
+        try:
+            while True:
+                held = sorted(self._held.get(channel, []), key=lambda p: p.offset)
+                self._held[channel] = []
+                last = self._last.get(channel)
+                if last is None:
+                    break
+                if held and held[0].epoch != last.epoch:
+                    handler.on_unrecoverable(channel)
+                    last = StreamPosition(held[0].offset - 1, held[0].epoch)
+                upto = held[0].offset - 1 if held else (target.offset if target else last.offset)
+                fetched: list[Publication] = []
+                if upto > last.offset:
+                    result = await self.history(
+                        channel, after=last.offset, limit=upto - last.offset
+                    )
+                    if result.position.epoch != last.epoch:
+                        handler.on_unrecoverable(channel)
+                        last = StreamPosition(upto, last.epoch)
+                    else:
+                        fetched = [p for p in result.publications if p.offset <= upto]
+                for pub in [*fetched, *held]:
+                    if pub.offset <= last.offset:
+                        continue
+                    if pub.offset != last.offset + 1:
+                        log.warning("gap on %s: %d..%d is gone from history", channel,
+                                    last.offset + 1, pub.offset - 1)  # fmt: skip
+                        handler.on_unrecoverable(channel)
+                    last = pub.position
+                    handler.on_publication(pub)
+                if target is not None and last.offset < target.offset and not held:
+                    handler.on_unrecoverable(channel)
+                    last = target
+                self._last[channel] = last
+                target = None
+                if not self._held.get(channel):
+                    break
+        except BrokerUnavailable as exc:
+            log.warning("cannot fill a gap on %s: %s", channel, exc)
+            handler.on_unrecoverable(channel)
+            rest = self._held.get(channel) or []
+            if rest:
+                self._last[channel] = max(rest, key=lambda p: p.offset).position
+        finally:
+            self._held.pop(channel, None)
+
+    async def resync(self, pubsub: _PubSub) -> None:
+        """Compare the position in Redis of every channel that ``pubsub``
+        carries with what was delivered, and fill what is missing (after a
+        reconnect, and periodically)."""
+        channels = [c for c in self._subscribed if self._pubsub(c) is pubsub]
+        for i in range(0, len(channels), 500):
+            chunk = channels[i : i + 500]
+            positions = await self._positions(self._shard(chunk[0]), chunk)
+            for channel, top in zip(chunk, positions, strict=True):
+                last = self._last.get(channel)
+                if last is None or channel in self._held:
+                    continue
+                if top.epoch != last.epoch or top.offset > last.offset:
+                    self._held[channel] = []
+                    self.spawn(self._fill(channel, target=top))
+
+    async def _check_positions(self) -> None:
+        for shard in self.shards:
+            for pubsub in shard.pubsubs.values():
+                await self.resync(pubsub)
+
+    # ---- presence -------------------------------------------------------
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        tag = f"{self.prefix}:{{{channel}}}"
+        return [f"{tag}:presence", f"{tag}:presence_exp"]
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        flat = await self._call(
+            self._shard(channel), "presence_get", self._presence_keys(channel), []
+        )
+        out = {}
+        for i in range(0, len(flat), 2):
+            client = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
+            out[client] = ClientInfo.from_json(orjson.loads(flat[i + 1]))
+        return out
+
+    async def add_presence(self, channel: str, info: ClientInfo) -> None:
+        encoded = orjson.dumps(info.to_json())
+        self._local_presence[(channel, info.client)] = encoded
+        await self._call(
+            self._shard(channel),
+            "presence_add",
+            self._presence_keys(channel),
+            [info.client, encoded, int(self.presence_ttl * 1000)],
+        )
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        self._local_presence.pop((channel, client), None)
+        pres, exp = self._presence_keys(channel)
+        shard = self._shard(channel)
+        try:
+            await shard.client.hdel(pres, client)
+            await shard.client.zrem(exp, client)
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+
+    async def _presence_heartbeat(self) -> None:
+        """Refresh this node's presence entries; a crashed node's expire."""
+        by_shard: dict[int, list[tuple[str, str, bytes]]] = {}
+        for (channel, client), encoded in list(self._local_presence.items()):
+            by_shard.setdefault(self._shard(channel).index, []).append((channel, client, encoded))
+        ttl = int(self.presence_ttl * 1000)
+        for index, entries in by_shard.items():
+            shard = self.shards[index]
+            for i in range(0, len(entries), 1000):
+                calls = [
+                    (self._presence_keys(channel), [client, encoded, ttl])
+                    for channel, client, encoded in entries[i : i + 1000]
+                ]
+                await self._run_many(shard, "presence_add", calls)
+
+    async def _publish_raw(self, channel_name: str, shard: _Shard, message: bytes) -> None:
+        try:
+            if self.sharded_pubsub:
+                await shard.client.spublish(channel_name, message)
+            else:
+                await shard.client.publish(channel_name, message)
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+
+    async def publish_join(self, channel: str, info: ClientInfo) -> None:
+        message = b"j" + orjson.dumps(info.to_json())
+        await self._publish_raw(self.pubsub_name(channel), self._shard(channel), message)
+
+    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
+        message = b"l" + orjson.dumps(info.to_json())
+        await self._publish_raw(self.pubsub_name(channel), self._shard(channel), message)
+
+    async def publish_control(self, message: bytes) -> None:
+        await self._publish_raw(self.control_channel, self.shards[0], message)
+
+    # ---- cluster view ---------------------------------------------------
+
+    def _node_keys(self) -> list[str]:
+        return [f"{self.prefix}:{{nodes}}:alive", f"{self.prefix}:{{nodes}}:info"]
+
+    async def report_node(self, node_id: str, info: dict[str, Any]) -> None:
+        await self._call(
+            self.shards[0],
+            "node_report",
+            self._node_keys(),
+            [node_id, orjson.dumps(info), int(self.node_ttl * 1000)],
+        )
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        flat = await self._call(self.shards[0], "node_list", self._node_keys(), [])
+        return [orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)]

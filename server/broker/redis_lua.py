@@ -1,0 +1,190 @@
+"""Server-side scripts of the Redis broker. Each runs atomically in Redis.
+
+Keys of one channel share the hash tag ``{channel}``, so on Redis Cluster they
+live in one slot and a script may touch them all (and SPUBLISH on the
+channel's pub/sub name, which hashes to the same slot).
+
+A stream's history is a Redis stream whose entry ids are ``<offset>-1``, so a
+range of offsets is one XRANGE. Each entry holds the pub/sub message (``m``)
+and the time it expires (``x``, ms); expired entries are removed from the
+front on every publish and read.
+"""
+
+# Shared helpers, prepended to each script.
+_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function trim(hist, now)
+  for _ = 1, 1000 do
+    local first = redis.call('XRANGE', hist, '-', '+', 'COUNT', 1)
+    if #first == 0 then return end
+    local fields = first[1][2]
+    local expires = nil
+    for i = 1, #fields, 2 do
+      if fields[i] == 'x' then expires = tonumber(fields[i + 1]) end
+    end
+    if expires == nil or expires > now then return end
+    redis.call('XDEL', hist, first[1][1])
+  end
+end
+
+-- The stream's epoch and offset, creating the stream when it has none.
+local function position(meta, hist, new_epoch, meta_ttl)
+  local epoch = redis.call('HGET', meta, 'e')
+  if not epoch then
+    redis.call('HSET', meta, 'e', new_epoch, 'o', 0)
+    redis.call('EXPIRE', meta, meta_ttl)
+    redis.call('DEL', hist)
+    return 0, new_epoch
+  end
+  return tonumber(redis.call('HGET', meta, 'o')), epoch
+end
+"""
+
+# KEYS: meta, hist
+# ARGV: tail, size, ttl_ms, meta_ttl_s, new_epoch, pubsub_channel, at_offset,
+#       at_epoch, time_ms, sharded ('1' for SPUBLISH)
+# Returns {1, offset, epoch} or, when ``at`` does not match, {0, offset, epoch}.
+PUBLISH = (
+    _COMMON
+    + """
+local meta, hist = KEYS[1], KEYS[2]
+local at_offset = tonumber(ARGV[7])
+local offset, epoch
+if at_offset > 0 and redis.call('EXISTS', meta) == 0 then
+  redis.call('HSET', meta, 'e', ARGV[8], 'o', at_offset - 1)
+  redis.call('DEL', hist)
+end
+offset, epoch = position(meta, hist, ARGV[5], ARGV[4])
+if at_offset > 0 and (epoch ~= ARGV[8] or offset + 1 ~= at_offset) then
+  return {0, offset, epoch}
+end
+offset = redis.call('HINCRBY', meta, 'o', 1)
+local msg = 'p' .. offset .. ' ' .. epoch .. ' ' .. ARGV[9] .. ' ' .. ARGV[1]
+local size = tonumber(ARGV[2])
+if size > 0 then
+  local now = now_ms()
+  trim(hist, now)
+  redis.call('XADD', hist, 'MAXLEN', size, offset .. '-1', 'm', msg, 'x', now + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', hist, ARGV[3])
+end
+redis.call('EXPIRE', meta, ARGV[4])
+if ARGV[10] == '1' then
+  redis.call('SPUBLISH', ARGV[6], msg)
+else
+  redis.call('PUBLISH', ARGV[6], msg)
+end
+return {1, offset, epoch}
+"""
+)
+
+# KEYS: meta, hist
+# ARGV: new_epoch, meta_ttl_s, start ('-' or an offset), count, reverse ('1')
+# Returns {offset, epoch, {messages...}}
+HISTORY = (
+    _COMMON
+    + """
+local meta, hist = KEYS[1], KEYS[2]
+local offset, epoch = position(meta, hist, ARGV[1], ARGV[2])
+local count = tonumber(ARGV[4])
+local out = {}
+if count > 0 then
+  trim(hist, now_ms())
+  local entries
+  if ARGV[5] == '1' then
+    local stop = ARGV[3]
+    if stop ~= '-' then stop = stop .. '-1' end
+    entries = redis.call('XREVRANGE', hist, '+', stop, 'COUNT', count)
+  else
+    local start = ARGV[3]
+    if start ~= '-' then start = start .. '-1' end
+    entries = redis.call('XRANGE', hist, start, '+', 'COUNT', count)
+  end
+  for i = 1, #entries do
+    local fields = entries[i][2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'm' then out[#out + 1] = fields[j + 1] end
+    end
+  end
+end
+return {offset, epoch, out}
+"""
+)
+
+# KEYS: meta, hist; ARGV: new_epoch, meta_ttl_s
+POSITION = (
+    _COMMON
+    + """
+local offset, epoch = position(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return {offset, epoch}
+"""
+)
+
+# KEYS: meta, hist; ARGV: epoch, offset, meta_ttl_s
+SEED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+
+# KEYS: presence hash, expiry zset; ARGV: client, info, ttl_ms
+PRESENCE_ADD = (
+    _COMMON
+    + """
+local expires = now_ms() + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], expires, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: presence hash, expiry zset. Drops expired members, returns the rest.
+PRESENCE_GET = (
+    _COMMON
+    + """
+local now = now_ms()
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for i = 1, #gone do
+  redis.call('HDEL', KEYS[1], gone[i])
+end
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: node zset; ARGV: node id, info, ttl_ms
+NODE_REPORT = (
+    _COMMON
+    + """
+local now = now_ms()
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3] * 2)
+redis.call('PEXPIRE', KEYS[2], ARGV[3] * 2)
+return 1
+"""
+)
+
+# KEYS: node zset, node hash. Drops nodes that stopped reporting, returns the rest.
+NODE_LIST = (
+    _COMMON
+    + """
+local now = now_ms()
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 1, #gone do
+  redis.call('HDEL', KEYS[2], gone[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('HGETALL', KEYS[2])
+"""
+)

@@ -1,0 +1,170 @@
+"""The Broker contract on real Redis: one server, two shards, and a cluster;
+plus what only the Redis broker does: gap detection and filling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.broker.redis import RedisBroker, jump_hash
+from server.models import HistoryOptions
+from tests.contract_broker import *  # noqa: F403 - the shared contract tests
+from tests.contract_broker import KEEP, RecordingHandler, eventually
+
+
+class GapHandler(RecordingHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unrecoverable: list[str] = []
+
+    def on_unrecoverable(self, channel: str) -> None:
+        self.unrecoverable.append(channel)
+
+
+@pytest.fixture
+def handler() -> GapHandler:
+    return GapHandler()
+
+
+@pytest.fixture(params=["single", "sharded", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "single":
+        return str(request.getfixturevalue("redis_server").url)
+    if request.param == "sharded":
+        return ",".join(s.url for s in request.getfixturevalue("redis_shards"))
+    return str(request.getfixturevalue("redis_cluster").url)
+
+
+@pytest.fixture
+async def broker(redis_url: str, prefix: str, handler: GapHandler) -> AsyncIterator[RedisBroker]:
+    b = RedisBroker(redis_url, prefix=prefix, position_check_interval=0.2, presence_ttl=1.0)
+    await b.start(handler)
+    yield b
+    await b.close()
+
+
+def test_jump_hash_is_consistent() -> None:
+    keys = range(10_000)
+    three = [jump_hash(k * 7919, 3) for k in keys]
+    four = [jump_hash(k * 7919, 4) for k in keys]
+    assert set(three) == {0, 1, 2}
+    moved = sum(1 for a, b in zip(three, four, strict=True) if a != b)
+    # Going from 3 to 4 shards moves about a quarter of the channels, all to the new one.
+    assert 0.2 < moved / len(keys) < 0.3
+    assert all(b == 3 for a, b in zip(three, four, strict=True) if a != b)
+
+
+async def lose(broker: RedisBroker, channel: str, data: bytes) -> None:
+    """Publish through the broker's own script but to a pub/sub name nobody
+    listens on: the publication is in the stream and its history, and no
+    node hears of it (as when Redis drops a subscriber's connection)."""
+    real = broker.pubsub_name
+    broker.pubsub_name = lambda c: real(c) + ":lost"  # type: ignore[method-assign]
+    try:
+        await broker.publish(channel, data, info=None, history=KEEP)
+    finally:
+        broker.pubsub_name = real  # type: ignore[method-assign]
+
+
+async def test_gap_is_filled_before_the_next_publication(
+    broker: RedisBroker, handler: GapHandler
+) -> None:
+    await broker.subscribe("g1")
+    await broker.publish("g1", b"1", info=None, history=KEEP)
+    await lose(broker, "g1", b"2")
+    await lose(broker, "g1", b"3")
+    await broker.publish("g1", b"4", info=None, history=KEEP)
+    await eventually(lambda: len([p for p in handler.pubs if p.channel == "g1"]) == 4)
+    assert [p.data for p in handler.pubs if p.channel == "g1"] == [b"1", b"2", b"3", b"4"]
+    assert handler.unrecoverable == []
+
+
+async def test_lost_last_publication_is_found_by_the_position_check(
+    broker: RedisBroker, handler: GapHandler
+) -> None:
+    await broker.subscribe("g2")
+    await broker.publish("g2", b"1", info=None, history=KEEP)
+    await lose(broker, "g2", b"2")
+    await eventually(lambda: [p.data for p in handler.pubs if p.channel == "g2"] == [b"1", b"2"])
+
+
+async def test_gap_past_history_is_reported(broker: RedisBroker, handler: GapHandler) -> None:
+    tiny = HistoryOptions(size=1, ttl=60, meta_ttl=3600)
+    await broker.subscribe("g3")
+    await broker.publish("g3", b"1", info=None, history=tiny)
+    await lose(broker, "g3", b"2")
+    await lose(broker, "g3", b"3")
+    await broker.publish("g3", b"4", info=None, history=tiny)
+    await eventually(lambda: handler.unrecoverable == ["g3"])
+    assert [p.data for p in handler.pubs if p.channel == "g3"][-1] == b"4"
+
+
+async def test_pubsub_connection_killed_by_redis(
+    redis_server: Any, prefix: str, handler: GapHandler
+) -> None:
+    """Redis drops the subscriber connection (as past its output-buffer
+    limit); redis-py reconnects silently; nothing is lost."""
+    broker = RedisBroker(redis_server.url, prefix=prefix, position_check_interval=60)
+    await broker.start(handler)
+    try:
+        await broker.subscribe("k1")
+        await broker.publish("k1", b"0", info=None, history=KEEP)
+        client = aioredis.Redis.from_url(redis_server.url)
+        for i in range(1, 30):
+            if i % 10 == 0:
+                await client.client_kill_filter(_type="pubsub")
+            await broker.publish("k1", b"%d" % i, info=None, history=KEEP)
+            await asyncio.sleep(0.01)
+        await client.aclose()
+        await eventually(lambda: len([p for p in handler.pubs if p.channel == "k1"]) == 30, 10)
+        offsets = [p.offset for p in handler.pubs if p.channel == "k1"]
+        assert offsets == list(range(1, 31))
+    finally:
+        await broker.close()
+
+
+async def test_presence_expires_when_a_node_stops_heartbeating(redis_url: str, prefix: str) -> None:
+    from server.models import ClientInfo
+
+    crashed = RedisBroker(redis_url, prefix=prefix, presence_ttl=0.5)
+    await crashed.start(GapHandler())
+    alive = RedisBroker(redis_url, prefix=prefix, presence_ttl=0.5)
+    await alive.start(GapHandler())
+    try:
+        await crashed.add_presence("p", ClientInfo("c1", "u1"))
+        await alive.add_presence("p", ClientInfo("c2", "u2"))
+        await crashed.close()  # stops heartbeating, like a killed process
+        await asyncio.sleep(1.2)  # past the TTL: expiry in Redis is what is tested
+        assert set(await alive.presence("p")) == {"c2"}
+    finally:
+        await alive.close()
+
+
+async def test_unreachable_redis_fails_clearly(prefix: str) -> None:
+    from server.broker import BrokerUnavailable
+    from tests.services import free_port
+
+    broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix, timeout=0.5)
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+        await broker.start(GapHandler())
+
+
+async def test_cluster_view(redis_url: str, prefix: str) -> None:
+    a = RedisBroker(redis_url, prefix=prefix, node_ttl=0.5)
+    b = RedisBroker(redis_url, prefix=prefix, node_ttl=0.5)
+    await a.start(GapHandler())
+    await b.start(GapHandler())
+    try:
+        await a.report_node("a", {"node": "a", "connections": 1})
+        await b.report_node("b", {"node": "b", "connections": 2})
+        assert sorted(n["node"] for n in await a.nodes()) == ["a", "b"]
+        await asyncio.sleep(0.7)  # b stops reporting: it drops out after its TTL
+        await a.report_node("a", {"node": "a", "connections": 1})
+        assert [n["node"] for n in await b.nodes()] == ["a"]
+    finally:
+        await a.close()
+        await b.close()

