@@ -10,12 +10,14 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from server import __version__
+from server.broker import BrokerUnavailable
 from server.config import ConfigError, Settings, ensure_secrets, load_settings
 
 log = logging.getLogger("squall")
@@ -36,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes: a number or 'auto' (one per core); above 1 needs Redis",
+    )
+    serve.add_argument(
+        "--worker-ports",
+        action="store_true",
+        help="worker i listens on port+i (for HAProxy) instead of all sharing the port",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fds", help=argparse.SUPPRESS)
 
     token = sub.add_parser("token", help="print a connection or subscription JWT")
     _add_config_flags(token)
@@ -68,6 +82,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -76,10 +91,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets_path = ensure_secrets(settings)
         if args.command == "token":
             return _token(settings, args)
-        return serve(settings, secrets_path)
+        return _serve_command(settings, secrets_path, args, argv)
     except ConfigError as exc:
         print(f"squall: {exc}", file=sys.stderr)
         return 2
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The command line minus what only the supervisor uses."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--workers", "--port"):
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--port=")) or arg == "--worker-ports":
+            continue
+        out.append(arg)
+    return out
+
+
+def _serve_command(
+    settings: Settings, secrets_path: Path | None, args: argparse.Namespace, argv: list[str]
+) -> int:
+    from server.supervisor import supervise, worker_count
+
+    try:
+        workers = worker_count(args.workers)
+    except ValueError:
+        raise ConfigError(
+            "--workers", f"expected a number >= 1 or 'auto', got {args.workers!r}"
+        ) from None
+    if args.worker_index is not None:
+        settings.server.node_name = (
+            f"{settings.server.node_name or socket.gethostname()}-w{args.worker_index}"
+        )
+    if workers == 1:
+        fds = [int(fd) for fd in args.listen_fds.split(",")] if args.listen_fds else None
+        return serve(settings, secrets_path, listen_fds=fds, banner=args.worker_index is None)
+    if not settings.broker.url:
+        raise ConfigError(
+            "--workers",
+            "more than one worker needs a Redis broker (broker.url / SQUALL_BROKER_URL): "
+            "with the embedded broker each worker would be an island",
+        )
+    _setup_logging(settings.server.log_level)
+
+    def on_listening(port: int, pid: int) -> None:
+        print(_banner(settings, port, f"{workers} workers, supervisor pid {pid}", secrets_path),
+              flush=True)  # fmt: skip
+
+    return supervise(
+        settings, _worker_argv(argv), workers, separate_ports=args.worker_ports,
+        on_listening=on_listening,
+    )  # fmt: skip
 
 
 def _check_config(settings: Settings) -> int:
@@ -122,6 +190,22 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _banner(settings: Settings, port: int, what: str, secrets_path: Path | None) -> str:
+    host = settings.server.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - display only
+    base = f"{shown}:{port}"
+    lines = [
+        f"Squall {__version__} serving on http://{base}/ ({what})",
+        f"  WebSocket: ws://{base}/connection/websocket",
+        f"  SSE:       http://{base}/connection/sse?channel=<name>",
+        f"  HTTP API:  http://{base}/api/<method>  (Authorization: apikey <key>)",
+    ]
+    if secrets_path is not None:
+        lines.append(f"  Secrets:   {secrets_path} (token secret and API key)")
+    lines.append(f"  Mint a token: squall token --data-dir {settings.data_path} --sub <user>")
+    return "\n".join(lines)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -137,11 +221,17 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def serve(settings: Settings, secrets_path: Path | None) -> int:
+def serve(
+    settings: Settings,
+    secrets_path: Path | None,
+    *,
+    listen_fds: list[int] | None = None,
+    banner: bool = True,
+) -> int:
     _setup_logging(settings.server.log_level)
     _install_uvloop()
     try:
-        return asyncio.run(_serve(settings, secrets_path))
+        return asyncio.run(_serve(settings, secrets_path, listen_fds, banner))
     except OSError as exc:
         print(
             f"squall: cannot listen on {settings.server.host}:{settings.server.port}: {exc}",
@@ -150,7 +240,9 @@ def serve(settings: Settings, secrets_path: Path | None) -> int:
         return 1
 
 
-async def _serve(settings: Settings, secrets_path: Path | None) -> int:
+async def _serve(
+    settings: Settings, secrets_path: Path | None, listen_fds: list[int] | None, banner: bool
+) -> int:
     import tornado.httpserver
     import tornado.netutil
 
@@ -158,31 +250,30 @@ async def _serve(settings: Settings, secrets_path: Path | None) -> int:
     from server.node import Node
 
     node = Node(settings)
-    await node.start()
+    try:
+        await node.start()
+    except BrokerUnavailable as exc:
+        print(f"squall: broker unavailable: {exc}", file=sys.stderr)
+        return 1
     app = make_app(node)
     server = tornado.httpserver.HTTPServer(
         app, max_body_size=max_body_size(node), xheaders=True, idle_connection_timeout=60
     )
     try:
-        sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
+        if listen_fds:
+            # A worker: accept on the supervisor's socket.
+            sockets = [socket.socket(fileno=fd) for fd in listen_fds]
+            for sock in sockets:
+                sock.setblocking(False)
+        else:
+            sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
     except OSError:
         await node.close()
         raise
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]  # the real one when port 0 asked for any
-    host = settings.server.host
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - display only
-    base = f"{shown}:{port}"
-    lines = [
-        f"Squall {__version__} serving on http://{base}/ (node {node.node_id})",
-        f"  WebSocket: ws://{base}/connection/websocket",
-        f"  SSE:       http://{base}/connection/sse?channel=<name>",
-        f"  HTTP API:  http://{base}/api/<method>  (Authorization: apikey <key>)",
-    ]
-    if secrets_path is not None:
-        lines.append(f"  Secrets:   {secrets_path} (token secret and API key)")
-    lines.append(f"  Mint a token: squall token --data-dir {settings.data_path} --sub <user>")
-    print("\n".join(lines), flush=True)
+    if banner:
+        print(_banner(settings, port, f"node {node.node_id}", secrets_path), flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

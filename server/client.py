@@ -119,6 +119,7 @@ class Client:
         self.command_timeout = command_timeout
         self.max_reconnects = max_reconnects
         self.client_id: str | None = None
+        self.node: str | None = None  # the server node of the current connection
         self.subscriptions: dict[str, Subscription] = {}
         self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
         self.connects = 0
@@ -160,6 +161,7 @@ class Client:
             raise ReplyError(reply["error"]["code"], reply["error"]["message"])
         result: dict[str, Any] = reply["result"]
         self.client_id = result["client"]
+        self.node = result.get("node")
         self.connects += 1
         self._connected.set()
         return result

@@ -569,6 +569,7 @@ class Node:
     def info(self) -> dict[str, Any]:
         return {
             "node": self.node_id,
+            "pid": os.getpid(),
             "version": self.version,
             "uptime": round(time.time() - self.started_at, 1),
             "connections": len(self.sessions),

@@ -217,14 +217,16 @@ class HAProxy:
         check = subprocess.run([self.binary, "-c", "-f", str(path)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy config invalid:\n{check.stdout}\n{check.stderr}")
-        self.proc = subprocess.Popen(
-            [self.binary, "-f", str(path), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # Output to a file: an unread pipe would fill up and block HAProxy.
+        self.log = self.dir / "haproxy.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-f", str(path), "-db"], stdout=log, stderr=log
+            )
         wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "haproxy")
         if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"haproxy exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
-            )
+            stop_process(self.proc)
+            raise RuntimeError(f"haproxy exited: {self.log.read_text()}")
         return self
 
     def stop(self) -> None:

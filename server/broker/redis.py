@@ -586,6 +586,10 @@ class RedisBroker:
                 if held and held[0].epoch != last.epoch:
                     handler.on_unrecoverable(channel)
                     last = StreamPosition(held[0].offset - 1, held[0].epoch)
+                if target is not None and target.epoch != last.epoch:
+                    # The stream restarted (Redis lost it): nothing to fill.
+                    handler.on_unrecoverable(channel)
+                    last = target
                 upto = held[0].offset - 1 if held else (target.offset if target else last.offset)
                 fetched: list[Publication] = []
                 if upto > last.offset:
