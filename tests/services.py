@@ -153,21 +153,32 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         for node in self.nodes:
-            # Cluster config files must differ per node.
-            node.extra = (*node.extra, "--cluster-config-file", f"nodes-{id(node)}.conf")
+            # Each node needs its own config file and a bus port of its own
+            # (by default port + 10000, which may not exist above 55535).
+            node.extra = (*node.extra, "--cluster-config-file", f"nodes-{id(node)}.conf",
+                          "--cluster-port", str(free_port()))  # fmt: skip
             node.start()
         cli = shutil.which("redis-cli")
         require("redis-cli", cli is not None, "apt-get install redis-tools")
         assert cli is not None
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        subprocess.run(
+        made = subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{made.stdout}\n{made.stderr}")
         wait_until(lambda: "cluster_state:ok" in self.nodes[0].cli("cluster", "info"), 20,
                    "cluster state ok")  # fmt: skip
-        return self
 
     def stop(self) -> None:
         for node in self.nodes:
