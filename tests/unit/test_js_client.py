@@ -12,9 +12,13 @@ def test_squall_js_unit_tests() -> None:
     node = shutil.which("node")
     require("node", node is not None, "install Node.js 20+ from the system's packages")
     assert node is not None
+    files = sorted(str(p) for p in (ROOT / "tests" / "js").glob("*.test.mjs"))
     proc = subprocess.run(
-        [node, "--test", "--test-timeout=20000", *sorted(str(p) for p in (ROOT / "tests" / "js").glob("*.test.mjs"))],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+        [node, "--test", "--test-timeout=20000", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout
