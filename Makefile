@@ -24,7 +24,13 @@ run: $(STAMP)
 system-deps:
 	@scripts/install-system-deps.sh
 
-test: system-deps $(STAMP)
+JS_STAMP := tests/js/node_modules/.installed
+
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --silent
+	@touch $(JS_STAMP)
+
+test: system-deps $(STAMP) $(JS_STAMP)
 	$(BIN)/pytest --cov=server --cov=handlers --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
 
 lint: $(STAMP)
