@@ -19,7 +19,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/squall serve $(ARGS)
+	# The demo room is on for local trying (127.0.0.1 only by default).
+	SQUALL_SERVER_DEMO=1 $(BIN)/squall serve $(ARGS)
 
 system-deps:
 	@scripts/install-system-deps.sh

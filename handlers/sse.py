@@ -54,6 +54,9 @@ class _Transport:
         self.positions = positions
 
     def send(self, items: list[bytes]) -> Awaitable[None] | None:
+        # The first message means the connection was accepted: the stream's
+        # headers must go out before it.
+        self._handler.start_stream()
         chunks = []
         for item in items:
             msg = orjson.loads(item)
@@ -81,6 +84,7 @@ class _Transport:
 class SSEHandler(JSONHandler):
     session: Session | None = None
     _closed: asyncio.Event
+    _streaming = False
 
     async def get(self) -> None:
         origin = self.request.headers.get("Origin")
@@ -105,7 +109,7 @@ class SSEHandler(JSONHandler):
             self.session = None
             self.write_squall_error(exc)
             return
-        self._start_stream()
+        self.start_stream()
         await self._keepalive()
 
     def _token(self) -> str | None:
@@ -132,7 +136,10 @@ class SSEHandler(JSONHandler):
         kept = {ch: p for ch, p in positions.items() if ch in channels}
         return requests, kept
 
-    def _start_stream(self) -> None:
+    def start_stream(self) -> None:
+        if self._streaming:
+            return
+        self._streaming = True
         self.set_status(200)
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")

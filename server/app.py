@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 import tornado.web
 
 from handlers.api import ApiHandler
-from handlers.pages import IndexHandler
+from handlers.pages import (
+    DashboardDataHandler,
+    DashboardHandler,
+    DemoHandler,
+    DemoTokenHandler,
+    IndexHandler,
+    LoginHandler,
+    LogoutHandler,
+)
 from handlers.sse import SSEHandler
 from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
 from handlers.websocket import WebSocketHandler
@@ -49,8 +58,18 @@ def make_app(node: Node) -> tornado.web.Application:
             (r"/ready", ReadyHandler, args),
             (r"/status", StatusHandler, args),
             (r"/metrics", MetricsHandler, args),
+            (r"/demo", DemoHandler, args),
+            (r"/demo/token", DemoTokenHandler, args),
+            (r"/dashboard", DashboardHandler, args),
+            (r"/dashboard/login", LoginHandler, args),
+            (r"/dashboard/logout", LogoutHandler, args),
+            (r"/dashboard/data", DashboardDataHandler, args),
             (r"/", IndexHandler, args),
         ],
+        # Signs the dashboard login cookie; a random one (sessions end with
+        # the process) when none is configured or generated.
+        cookie_secret=node.settings.dashboard.cookie_secret or secrets.token_urlsafe(32),
+        login_url="/dashboard/login",
         template_path=str(ROOT / "templates"),
         static_path=str(ROOT / "static"),
         log_function=log_request,

@@ -15,7 +15,10 @@ confusion fail; HMAC and public-key algorithms are never mixed (config refuses).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +125,31 @@ class Authenticator:
         if "client" in claims and claims["client"] != client:
             raise Unauthorized("subscription token is for another client")
         return float(claims["exp"])
+
+
+_PBKDF2_ITERATIONS = 600_000
+
+
+def hash_password(password: str, *, iterations: int = _PBKDF2_ITERATIONS) -> str:
+    """``pbkdf2_sha256$<iterations>$<salt>$<hash>`` for the dashboard password."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    b64 = base64.urlsafe_b64encode
+    return f"pbkdf2_sha256${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, iterations, salt, digest = encoded.split("$")
+        if scheme != "pbkdf2_sha256":
+            return False
+        expected = base64.urlsafe_b64decode(digest)
+        got = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.urlsafe_b64decode(salt), int(iterations)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, expected)
 
 
 def mint_token(

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--info", help="JSON for the 'info' claim")
     token.add_argument("--private-key", help="PEM file, for RS256/ES256 deployments")
 
+    sub.add_parser(
+        "hash-password", help="hash a dashboard password (read from stdin) for the config"
+    )
+
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_config_flags(check)
     check.add_argument("--host")
@@ -84,6 +88,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password()
     try:
         settings = _settings(args)
         if args.command == "check-config":
@@ -148,6 +154,22 @@ def _serve_command(
         settings, _worker_argv(argv), workers, separate_ports=args.worker_ports,
         on_listening=on_listening,
     )  # fmt: skip
+
+
+def _hash_password() -> int:
+    import getpass
+
+    from server.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Dashboard password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("squall: a dashboard password needs at least 8 characters", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
 
 
 def _check_config(settings: Settings) -> int:

@@ -43,6 +43,9 @@ class ServerSettings:
     drain_delay: float = 0.0
     log_level: str = "info"
     node_name: str = ""
+    # Serve the demo room at /demo, with a token endpoint for it. For trying
+    # Squall out; never on a public server (anyone may get a token).
+    demo: bool = False
 
 
 @dataclass(slots=True)
@@ -108,6 +111,15 @@ class SearchSettings:
 
 
 @dataclass(slots=True)
+class DashboardSettings:
+    # `squall hash-password` prints one; empty: the dashboard is off.
+    password_hash: str = ""
+    # Signs the login cookie; empty: generated into <data_dir>/secrets.toml.
+    cookie_secret: str = ""
+    session_hours: float = 12.0
+
+
+@dataclass(slots=True)
 class NamespaceOptions:
     history_size: int = 100
     history_ttl: float = 600.0
@@ -133,6 +145,7 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     namespaces: dict[str, NamespaceOptions] = field(
         default_factory=lambda: {"default": NamespaceOptions()}
     )
@@ -149,6 +162,7 @@ SECTIONS: dict[str, type[Any]] = {
     "broker": BrokerSettings,
     "store": StoreSettings,
     "search": SearchSettings,
+    "dashboard": DashboardSettings,
 }
 
 # Short names operators script; each maps to a dotted key.
@@ -185,6 +199,7 @@ _POSITIVE = {
     "presence_ttl",
     "position_check_interval",
     "node_report_interval",
+    "session_hours",
 }
 _CHOICES = {
     "server.log_level": {"debug", "info", "warning", "error"},
@@ -330,6 +345,21 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("limits.ping_timeout", "must not be longer than limits.ping_interval")
     if "default" not in settings.namespaces:
         settings.namespaces["default"] = NamespaceOptions()
+    if settings.server.demo:
+        # The demo room keeps its messages (durably) so a page that was away,
+        # or a server restart, loses nothing; typing notices are ephemeral.
+        settings.namespaces.setdefault(
+            "demo",
+            NamespaceOptions(allow_publish=True, presence=True, join_leave=True, persist=True,
+                             history_size=1000, history_ttl=86400.0),
+        )  # fmt: skip
+        settings.namespaces.setdefault(
+            "demo_live", NamespaceOptions(allow_publish=True, history_size=0, recover=False)
+        )
+    if settings.dashboard.password_hash and not settings.dashboard.password_hash.startswith(
+        "pbkdf2_sha256$"
+    ):
+        raise ConfigError("dashboard.password_hash", "make one with `squall hash-password`")
     for name, ns in settings.namespaces.items():
         if ns.history_size > 0 and ns.history_ttl <= 0:
             raise ConfigError(f"namespaces.{name}.history_ttl", "must be > 0 when history_size > 0")
@@ -389,7 +419,8 @@ def ensure_secrets(settings: Settings) -> Path | None:
     uses_hs = any(a.startswith("HS") for a in settings.auth.token_algorithms)
     need_secret = uses_hs and not settings.auth.token_secret
     need_key = not settings.auth.api_key
-    if not (need_secret or need_key):
+    need_cookie = not settings.dashboard.cookie_secret
+    if not (need_secret or need_key or need_cookie):
         return None
     path = settings.data_path / SECRETS_FILE
     stored: dict[str, Any] = {}
@@ -399,7 +430,7 @@ def ensure_secrets(settings: Settings) -> Path | None:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     changed = False
-    for name in ("token_secret", "api_key"):
+    for name in ("token_secret", "api_key", "cookie_secret"):
         if not isinstance(stored.get(name), str) or len(stored[name]) < 16:
             stored[name] = secrets.token_urlsafe(32)
             changed = True
@@ -415,4 +446,6 @@ def ensure_secrets(settings: Settings) -> Path | None:
         settings.auth.token_secret = stored["token_secret"]
     if need_key:
         settings.auth.api_key = stored["api_key"]
-    return path
+    if need_cookie:
+        settings.dashboard.cookie_secret = stored["cookie_secret"]
+    return path if (need_secret or need_key) else None

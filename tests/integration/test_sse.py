@@ -20,6 +20,7 @@ class SSEStream:
         self.events: list[dict[str, Any]] = []
         self.last_id: str | None = None
         self.status = 0
+        self.headers: bytes | None = None
         self.body = b""
         self.task: asyncio.Task[Any] | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -39,6 +40,7 @@ class SSEStream:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         head = await reader.readuntil(b"\r\n\r\n")
+        self.headers = head
         self.status = int(head.split(b" ", 2)[1])
         chunked = b"chunked" in head.lower()
         if not chunked:
@@ -187,3 +189,18 @@ async def test_sse_client_told_to_leave_on_drain(make_server: ServerFactory) -> 
     push = await stream.next("disconnect")
     assert push["code"] == 3001
     assert push["reconnect"] is True
+
+
+async def test_sse_stream_is_an_event_stream_from_the_first_byte(
+    make_server: ServerFactory,
+) -> None:
+    """EventSource refuses anything but text/event-stream, so the headers
+    must be right even when events are written before the handler returns
+    (a durable channel's subscribe waits on the log, and the connect event
+    goes out meanwhile)."""
+    server = await make_server({"namespaces": {"log": {"persist": True}}})
+    stream = open_sse(server, f"channel=log:a&channel=log:b&token={server.token('alice')}")
+    await stream.next("subscribe")
+    assert stream.headers is not None
+    assert b"content-type: text/event-stream" in stream.headers.lower()
+    await stop(stream)
