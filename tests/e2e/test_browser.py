@@ -28,6 +28,12 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[SquallProcess]:
     env = {
@@ -112,7 +118,6 @@ async def test_two_pages_talk_and_see_each_other(browser: Any, server: SquallPro
     await bob.fill("#text", "typing something")
     await bob.type("#text", "…")
     await alice.wait_for_function("document.querySelector('#typing').textContent.includes('bob')")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await alice.screenshot(path=str(ARTIFACTS / "demo.png"))
     assert alice.errors == [] and bob.errors == []
 
@@ -181,7 +186,6 @@ async def test_dashboard_login_numbers_and_logout(browser: Any, server: SquallPr
     await page.wait_for_function(
         "document.querySelector('#channels').textContent.includes('demo:room')"
     )
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
     await page.set_viewport_size({"width": 390, "height": 844})
     await page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
