@@ -30,6 +30,7 @@ from server.models import ClientInfo, Publication, StreamPosition
 from server.session import Flusher, Session, Transport
 from server.store import Store, StoreConflict, StoreUnavailable
 from server.store.sqlite import SQLiteStore
+from server.tasks import BackgroundTasks
 
 log = logging.getLogger("squall.node")
 
@@ -83,7 +84,7 @@ class Node:
         self.users: dict[str, dict[Session, None]] = {}
         self.draining = False
         self.started_at = time.time()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log, "background step")
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._durable: dict[str, StreamPosition] = {}
         self._running = False
@@ -130,23 +131,13 @@ class Node:
         for session in list(self.sessions.values()):
             session.disconnect(errors.SHUTDOWN)
         await self.metrics.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         await self.broker.close()
         await self.store.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background step; its failure is logged, never lost."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+        self._tasks.spawn(coro)
 
     def ready(self) -> bool:
         return self._running and not self.draining and self.broker.healthy()

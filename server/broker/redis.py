@@ -45,6 +45,7 @@ from redis.backoff import ExponentialBackoff
 from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict
 from server.broker import redis_lua as lua
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
+from server.tasks import BackgroundTasks
 
 log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
@@ -290,7 +291,7 @@ class RedisBroker:
         self._last: dict[str, StreamPosition] = {}
         self._held: dict[str, list[Publication]] = {}
         self._local_presence: dict[tuple[str, str], bytes] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log, "redis broker step")
         self._pending_sub: dict[str, asyncio.Future[None]] = {}
         self._pending_unsub: set[str] = set()
         self._batch_scheduled = False
@@ -316,12 +317,13 @@ class RedisBroker:
         ]
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks]:
-            task.cancel()
-        for task in [*self._loops, *self._tasks]:
+        for loop_task in self._loops:
+            loop_task.cancel()
+        for loop_task in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await loop_task
         self._loops = []
+        await self._tasks.cancel_all()
         for shard in self.shards:
             await shard.close()
 
@@ -337,14 +339,7 @@ class RedisBroker:
         return self._ok and all(s.healthy for s in self.shards)
 
     def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("redis broker task failed", exc_info=task.exception())
+        self._tasks.spawn(coro)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while True:
