@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps clean
+.PHONY: run test lint system-deps clean bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -41,3 +41,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Fan-out benchmark against peers (raw asyncio ceiling, plain Tornado); writes bench/results/.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

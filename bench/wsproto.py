@@ -1,0 +1,111 @@
+"""A minimal, fast WebSocket client for the load generator (asyncio
+Protocol on uvloop): enough to subscribe and count what arrives, cheaply, so
+the generator is not the bottleneck."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import struct
+import time
+from collections.abc import Callable
+
+OFFSET = re.compile(rb'"offset":(\d+)')
+SEQ = re.compile(rb'"n":(\d+)')
+SENT = re.compile(rb'"t":([0-9.]+)')
+
+
+def frame(text: bytes) -> bytes:
+    """A masked client text frame."""
+    mask = os.urandom(4)
+    n = len(text)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    return head + mask + masked
+
+
+class Subscriber(asyncio.Protocol):
+    """Counts messages; checks sequence numbers for losses and duplicates;
+    records latency when asked."""
+
+    def __init__(self, path: str, host: str, hello: list[bytes], seq: re.Pattern[bytes],
+                 latencies: list[float] | None, ready: Callable[[], None]) -> None:  # fmt: skip
+        self.path, self.host, self.hello, self.seq = path, host, hello, seq
+        self.latencies = latencies
+        self.ready = ready
+        self.buf = b""
+        self.handshaken = False
+        self.count = 0
+        self.last = 0
+        self.lost = 0
+        self.dup = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        )  # fmt: skip
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.handshaken:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.buf = self.buf[end + 4 :]
+            self.handshaken = True
+            assert self.transport is not None
+            for message in self.hello:
+                self.transport.write(frame(message))
+            self.ready()
+        buf = self.buf
+        pos = 0
+        while len(buf) - pos >= 2:
+            b1 = buf[pos + 1] & 0x7F
+            head = 2
+            if b1 == 126:
+                if len(buf) - pos < 4:
+                    break
+                b1 = struct.unpack_from("!H", buf, pos + 2)[0]
+                head = 4
+            elif b1 == 127:
+                if len(buf) - pos < 10:
+                    break
+                b1 = struct.unpack_from("!Q", buf, pos + 2)[0]
+                head = 10
+            if len(buf) - pos < head + b1:
+                break
+            opcode = buf[pos] & 0x0F
+            if opcode == 0x1:
+                self.on_text(buf[pos + head : pos + head + b1])
+            pos += head + b1
+        self.buf = buf[pos:]
+
+    def on_text(self, payload: bytes) -> None:
+        for line in payload.split(b"\n"):
+            m = self.seq.search(line)
+            if m is None:
+                continue  # a reply, not a publication
+            n = int(m.group(1))
+            self.count += 1
+            if n <= self.last:
+                self.dup += 1
+                continue
+            if n > self.last + 1:
+                self.lost += n - self.last - 1
+            self.last = n
+            if self.latencies is not None:
+                t = SENT.search(line)
+                if t is not None:
+                    self.latencies.append(time.time() - float(t.group(1)))
