@@ -29,7 +29,7 @@ def require(what: str, found: bool, how: str) -> None:
     message = f"SERVICE MISSING: {what} is not installed ({how})"
     if os.environ.get("SQUALL_REQUIRE_SERVICES") == "1":
         pytest.fail(message + "; SQUALL_REQUIRE_SERVICES=1 makes this a failure")
-    pytest.skip(message)
+    pytest.skip(message)  # only without SQUALL_REQUIRE_SERVICES=1 (CI sets it)
 
 
 def free_port() -> int:
@@ -82,7 +82,20 @@ def redis_server_binary() -> str | None:
     return None
 
 
-class RedisServer:
+class _Process:
+    """A service process we started, stopped only by its PID."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, as a crash or a lost machine."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class RedisServer(_Process):
     """A redis-server process on a free loopback port, no persistence."""
 
     def __init__(self, *extra: str) -> None:
@@ -127,12 +140,6 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
-            self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
             self.proc = None
 
     def cli(self, *args: str) -> str:
@@ -251,7 +258,7 @@ class HAProxy:
 # ---- Squall nodes as real processes --------------------------------------
 
 
-class SquallProcess:
+class SquallProcess(_Process):
     """``python -m server serve`` on a free port with the given environment."""
 
     def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
@@ -282,12 +289,6 @@ class SquallProcess:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, timeout=20)
-            self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
             self.proc = None
 
 
