@@ -133,11 +133,14 @@ $("send").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("text").value.trim();
   if (!text) return;
+  // Clear at once, so typing the next message can start while this one is
+  // on its way; put it back if it could not be sent.
+  $("text").value = "";
   try {
     await squall.publish(ROOM, { user: name, text });
-    $("text").value = "";
     $("notice").textContent = "";
   } catch (error) {
+    if (!$("text").value) $("text").value = text;
     $("notice").textContent = `Not sent: ${error.reason || error.message}`;
   }
 });
