@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,7 +74,8 @@ def supervisor(
 
 async def worker_pids(port: int, count: int) -> list[int]:
     api = ApiClient(f"http://127.0.0.1:{port}", API_KEY)
-    for _ in range(200):
+    nodes: list[dict[str, Any]] = []
+    for _ in range(600):
         try:
             nodes = (await api.info())["nodes"]
         except Exception:
@@ -100,8 +102,22 @@ async def test_workers_share_the_port_and_crashed_ones_come_back(
     assert not port_open(port)
 
 
+def two_free_ports() -> int:
+    """A port p with p + 1 free too (checked by binding both)."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_worker_ports(tmp_path: Path, redis_server: Any, prefix: str) -> None:
-    base = free_port()
+    base = two_free_ports()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--workers", "2", "--worker-ports",
          "--port", str(base), "--data-dir", str(tmp_path)],
@@ -109,7 +125,7 @@ def test_worker_ports(tmp_path: Path, redis_server: Any, prefix: str) -> None:
         env=env(SQUALL_BROKER_URL=redis_server.url, SQUALL_BROKER_PREFIX=prefix),
     )  # fmt: skip
     try:
-        wait_until(lambda: port_open(base) and port_open(base + 1), 20, "both worker ports")
+        wait_until(lambda: port_open(base) and port_open(base + 1), 40, "both worker ports")
     finally:
         stop_process(proc, timeout=20)
     assert proc.returncode == 0
