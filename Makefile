@@ -18,8 +18,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 	@touch $(STAMP)
 
+# The demo room is on for local trying (127.0.0.1 only by default).
 run: $(STAMP)
-	# The demo room is on for local trying (127.0.0.1 only by default).
 	SQUALL_SERVER_DEMO=1 $(BIN)/squall serve $(ARGS)
 
 system-deps:

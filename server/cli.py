@@ -222,6 +222,8 @@ def _banner(settings: Settings, port: int, what: str, secrets_path: Path | None)
         f"  SSE:       http://{base}/connection/sse?channel=<name>",
         f"  HTTP API:  http://{base}/api/<method>  (Authorization: apikey <key>)",
     ]
+    if settings.server.demo:
+        lines.append(f"  Demo room: http://{base}/demo")
     if secrets_path is not None:
         lines.append(f"  Secrets:   {secrets_path} (token secret and API key)")
     lines.append(f"  Mint a token: squall token --data-dir {settings.data_path} --sub <user>")
