@@ -134,6 +134,8 @@ def _bool_param(params: dict[str, Any], name: str) -> bool:
 class Session:
     __slots__ = (
         "_buffering",
+        "_max_bytes",
+        "_max_messages",
         "_pending",
         "_qbytes",
         "_queue",
@@ -164,6 +166,9 @@ class Session:
         self.created = time.monotonic()
         limits = node.settings.limits
         self.limiter = _RateLimiter(limits.commands_per_second, limits.command_burst)
+        # The send-queue limits, read once: send() runs per delivery.
+        self._max_bytes = limits.send_queue_bytes
+        self._max_messages = limits.send_queue_messages
         self._queue: list[bytes] = []
         self._qbytes = 0
         self._pending = False
@@ -205,8 +210,7 @@ class Session:
             return
         self._queue.append(message)
         self._qbytes += len(message)
-        limits = self.node.settings.limits
-        if self._qbytes > limits.send_queue_bytes or len(self._queue) > limits.send_queue_messages:
+        if self._qbytes > self._max_bytes or len(self._queue) > self._max_messages:
             self.node.metrics.slow_disconnects += 1
             self.disconnect(errors.SLOW, flush=False)
             return
@@ -223,7 +227,7 @@ class Session:
             held = buffering.get(channel)
             if held is not None:
                 held.append((offset, message))
-                if len(held) > self.node.settings.limits.send_queue_messages:
+                if len(held) > self._max_messages:
                     self.disconnect(errors.SLOW, flush=False)
                 return
         self.send(message)

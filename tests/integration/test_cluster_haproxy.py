@@ -139,14 +139,22 @@ async def publish_steadily(api: ApiClient, stop: asyncio.Event, limit: int) -> i
     return sent
 
 
-async def test_killed_node_clients_reconnect_and_recover_without_gap(
+async def pick_victim(
     cluster: Cluster, clients: list[tuple[Client, Subscription]]
-) -> None:
+) -> tuple[str, SquallProcess, SquallProcess]:
+    """The node of the first client, its process, and another live node."""
     ids = await cluster.node_ids()
     victim_id = clients[0][0].node
     assert victim_id is not None
     victim = ids[victim_id]
     survivor = next(n for n in cluster.nodes if n is not victim)
+    return victim_id, victim, survivor
+
+
+async def test_killed_node_clients_reconnect_and_recover_without_gap(
+    cluster: Cluster, clients: list[tuple[Client, Subscription]]
+) -> None:
+    victim_id, victim, survivor = await pick_victim(cluster, clients)
     on_victim = [c for c, _ in clients if c.node == victim_id]
     assert on_victim
     # Someone in a presence channel on the victim, as seen from elsewhere.
@@ -199,11 +207,7 @@ async def test_killed_node_clients_reconnect_and_recover_without_gap(
 async def test_drained_node_leaves_rotation_first_and_its_clients_lose_nothing(
     cluster: Cluster, clients: list[tuple[Client, Subscription]]
 ) -> None:
-    ids = await cluster.node_ids()
-    victim_id = clients[0][0].node
-    assert victim_id is not None
-    victim = ids[victim_id]
-    survivor = next(n for n in cluster.nodes if n is not victim)
+    victim_id, victim, survivor = await pick_victim(cluster, clients)
     stop = asyncio.Event()
     publisher = asyncio.create_task(publish_steadily(cluster.api(survivor), stop, 3000))
     await asyncio.sleep(0.2)
