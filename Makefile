@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps clean bench
+.PHONY: run test lint system-deps services clean bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -31,7 +31,11 @@ $(JS_STAMP): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund --silent
 	@touch $(JS_STAMP)
 
-test: system-deps $(STAMP) $(JS_STAMP)
+# FerretDB (Go) and an OpenSearch node (Maven), built once into ~/.cache/squall.
+services:
+	@scripts/build-test-services.sh
+
+test: system-deps $(STAMP) $(JS_STAMP) services
 	$(BIN)/pytest --cov=server --cov=handlers --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
 
 lint: $(STAMP)

