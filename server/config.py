@@ -99,15 +99,48 @@ class BrokerSettings:
 
 @dataclass(slots=True)
 class StoreSettings:
+    # Empty: the embedded SQLite log in the data directory. mongodb://... or
+    # mongodb+srv://...: MongoDB (the database name in the URL's path, else
+    # `database`).
     url: str = ""
+    database: str = "squall"
+    # MongoDB write concern of an append: "majority" or a number of members.
+    write_concern: str = "majority"
+    journal: bool = True
+    # Seconds one store call may take (each try), and how often a failed call
+    # is tried again (with backoff doubling from retry_backoff) before the
+    # publish fails with 503.
+    timeout: float = 5.0
+    retries: int = 2
+    retry_backoff: float = 0.05
+    max_pool_size: int = 50
+    min_pool_size: int = 0
+    # Seconds between sweeps that delete publications past their namespace's
+    # `retention`.
+    expire_interval: float = 60.0
     # SQLite "FULL" survives power loss; "NORMAL" only process crashes.
     sqlite_synchronous: str = "FULL"
 
 
 @dataclass(slots=True)
 class SearchSettings:
+    # Empty: embedded SQLite FTS5 in the data directory. http(s)://host:port
+    # of a cluster, with `engine` elasticsearch or opensearch.
     url: str = ""
     engine: str = ""
+    # Name of the index (Elasticsearch/OpenSearch); also the prefix of the
+    # index template.
+    index: str = "squall-publications"
+    # Publications sent to the index per bulk request, and seconds the
+    # indexer waits when it has caught up with the log.
+    batch_size: int = 500
+    interval: float = 0.5
+    # Seconds one call to the search cluster may take.
+    timeout: float = 10.0
+    # Run the background indexer on this node. With several nodes on one
+    # store, any number may run it (indexing is idempotent); one is enough.
+    indexer: bool = True
+    max_limit: int = 100
 
 
 @dataclass(slots=True)
@@ -132,6 +165,13 @@ class NamespaceOptions:
     private: bool = False
     recover: bool = True
     persist: bool = False
+    # Seconds a publication stays in the durable log; 0 keeps it forever.
+    retention: float = 0.0
+    # Index publications for full-text search (needs persist = true).
+    searchable: bool = False
+    # Dotted paths into the data whose text is indexed, e.g. ["text",
+    # "author.name"]; empty indexes every string in the data.
+    search_fields: list[str] = field(default_factory=list)
 
     def history_options(self) -> HistoryOptions:
         return HistoryOptions(self.history_size, self.history_ttl, self.history_meta_ttl)
@@ -168,6 +208,9 @@ SECTIONS: dict[str, type[Any]] = {
 # Short names operators script; each maps to a dotted key.
 ENV_ALIASES = {
     "SQUALL_BROKER_URL": "broker.url",
+    "SQUALL_STORE_URL": "store.url",
+    "SQUALL_SEARCH_URL": "search.url",
+    "SQUALL_SEARCH_ENGINE": "search.engine",
     "SQUALL_API_KEY": "auth.api_key",
     "SQUALL_TOKEN_SECRET": "auth.token_secret",
     "SQUALL_TOKEN_PUBLIC_KEY": "auth.token_public_key",
@@ -200,6 +243,11 @@ _POSITIVE = {
     "position_check_interval",
     "node_report_interval",
     "session_hours",
+    "max_pool_size",
+    "expire_interval",
+    "batch_size",
+    "interval",
+    "max_limit",
 }
 _CHOICES = {
     "server.log_level": {"debug", "info", "warning", "error"},
@@ -334,6 +382,7 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(
                 "broker.url", f"expected redis://, rediss:// or redis+cluster:// URLs, got {url!r}"
             )
+    _validate_store_and_search(settings)
     if settings.broker.url.count("redis+cluster://") not in (0, settings.broker.url.count("://")):
         raise ConfigError("broker.url", "do not mix redis+cluster:// with other URLs")
     limits = settings.limits
@@ -369,6 +418,42 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(
                 f"namespaces.{name}.recover", "needs history_size > 0 or persist = true"
             )
+        if ns.searchable and not ns.persist:
+            # The index is fed from the durable log.
+            raise ConfigError(f"namespaces.{name}.searchable", "needs persist = true")
+        if ns.retention and not ns.persist:
+            raise ConfigError(f"namespaces.{name}.retention", "needs persist = true")
+        for path in ns.search_fields:
+            if not path or any(not part for part in path.split(".")):
+                raise ConfigError(
+                    f"namespaces.{name}.search_fields", f"bad field path {path!r} (a.b.c)"
+                )
+
+
+def _validate_store_and_search(settings: Settings) -> None:
+    store = settings.store
+    if store.url and urlsplit(store.url).scheme not in ("mongodb", "mongodb+srv"):
+        raise ConfigError(
+            "store.url", f"expected mongodb:// or mongodb+srv:// (empty: SQLite), got {store.url!r}"
+        )
+    wc = store.write_concern
+    if wc != "majority" and not (wc.isdigit() and int(wc) >= 1):
+        raise ConfigError("store.write_concern", f"must be 'majority' or a number >= 1, got {wc!r}")
+    if store.min_pool_size > store.max_pool_size:
+        raise ConfigError("store.min_pool_size", "must not be more than store.max_pool_size")
+    search = settings.search
+    if search.url:
+        if urlsplit(search.url).scheme not in ("http", "https"):
+            raise ConfigError("search.url", f"expected http:// or https://, got {search.url!r}")
+        if search.engine not in ("elasticsearch", "opensearch"):
+            raise ConfigError(
+                "search.engine",
+                "set elasticsearch or opensearch for a search cluster at search.url",
+            )
+    elif search.engine not in ("", "sqlite"):
+        raise ConfigError("search.url", f"required with search.engine = {search.engine!r}")
+    if not search.index or search.index != search.index.lower() or " " in search.index:
+        raise ConfigError("search.index", "must be a lowercase name without spaces")
 
 
 def load_settings(

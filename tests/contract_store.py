@@ -49,3 +49,51 @@ async def test_last_position(store: Store) -> None:
     assert await store.last_position("d") == StreamPosition(2, "e1")
     await store.append([pub("d", 1, epoch="e2")])
     assert await store.last_position("d") == StreamPosition(1, "e2")
+
+
+async def test_retention_expires_only_what_is_past_it(store: Store) -> None:
+    await store.append([pub("r", 1), pub("r", 2)], retention=10)  # kept until ~11 s after 1970
+    await store.append([pub("keep", 1)])
+    assert await store.expire(now_ms=5_000) == 0
+    assert len(await store.read("r", "e1", limit=10)) == 2
+    assert await store.expire(now_ms=20_000) == 2
+    assert await store.read("r", "e1", limit=10) == []
+    assert [p.offset for p in await store.read("keep", "e1", limit=10)] == [1]
+
+
+async def test_searchable_publications_wait_for_the_indexer(store: Store) -> None:
+    await store.append([pub("s", 1), pub("s", 2)], searchable=True)
+    await store.append([pub("quiet", 1)])
+    await store.append([pub("s", 3)], searchable=True)
+    pending = await store.pending_index(10)
+    assert [(p.channel, p.offset) for p in pending] == [("s", 1), ("s", 2), ("s", 3)]
+    assert pending[0].data == b"{}" and pending[0].info == ClientInfo("c", "u", {"k": 1})
+    assert [p.offset for p in await store.pending_index(2)] == [1, 2]
+    await store.mark_indexed(pending[:2])
+    assert [p.offset for p in await store.pending_index(10)] == [3]
+    # A retried append of an indexed publication does not make it pending again.
+    await store.append([pub("s", 1)], searchable=True)
+    assert [p.offset for p in await store.pending_index(10)] == [3]
+    await store.mark_indexed(pending)
+    assert await store.pending_index(10) == []
+
+
+async def test_scan_walks_the_log_in_write_order(store: Store) -> None:
+    written = [("x", 1), ("y", 1), ("x", 2), ("z", 1), ("y", 2)]
+    for channel, offset in written:
+        await store.append([pub(channel, offset)])
+    seen: list[tuple[str, int]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.scan(after=cursor, limit=2)
+        if not page:
+            break
+        assert len(page) <= 2
+        seen += [(p.channel, p.offset) for p in page]
+    assert seen == written
+    assert cursor is None
+    only_y, _ = await store.scan(limit=10, channel="y")
+    assert [(p.channel, p.offset) for p in only_y] == [("y", 1), ("y", 2)]
+    assert await store.count() == 5
+    assert await store.count("x") == 2
+    assert await store.count("nobody") == 0

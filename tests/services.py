@@ -369,9 +369,12 @@ frontend elastic
     # The elasticsearch 8 client sends its versioned media types, which
     # OpenSearch does not know, and checks that the answer comes from
     # Elasticsearch. Test setup only: never in front of a real cluster.
-    http-request set-header Content-Type application/x-ndjson if {{ req.hdr(content-type) -m sub x-ndjson }}
-    http-request set-header Content-Type application/json if {{ req.hdr(content-type) -m sub vnd.elasticsearch+json }}
-    http-request set-header Accept application/json if {{ req.hdr(accept) -m sub vnd.elasticsearch }}
+    acl es_ndjson req.hdr(content-type) -m sub x-ndjson
+    acl es_json req.hdr(content-type) -m sub vnd.elasticsearch+json
+    acl es_accept req.hdr(accept) -m sub vnd.elasticsearch
+    http-request set-header Content-Type application/x-ndjson if es_ndjson
+    http-request set-header Content-Type application/json if es_json
+    http-request set-header Accept application/json if es_accept
     http-response set-header X-Elastic-Product Elasticsearch
     default_backend opensearch
 backend opensearch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,11 +29,21 @@ CREATE TABLE IF NOT EXISTS publications (
     offset INTEGER NOT NULL,
     data BLOB NOT NULL,
     info BLOB,
-    time_ms INTEGER NOT NULL
+    time_ms INTEGER NOT NULL,
+    expire_at INTEGER,
+    indexed INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS publications_position
     ON publications (channel, epoch, offset);
 """
+# Logs written before retention and search existed gain the columns.
+_ADDED_COLUMNS = {"expire_at": "INTEGER", "indexed": "INTEGER"}
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS publications_expire ON publications (expire_at)
+    WHERE expire_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS publications_pending ON publications (id) WHERE indexed = 0;
+"""
+_SELECT = "SELECT channel, epoch, offset, data, info, time_ms FROM publications"
 
 
 def _row_to_pub(row: tuple[Any, ...]) -> Publication:
@@ -63,6 +74,11 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(publications)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    conn.execute(f"ALTER TABLE publications ADD COLUMN {column} {kind}")
+            conn.executescript(_INDEXES)
             self._conn = conn
 
         await self._run(open_db)
@@ -89,7 +105,9 @@ class SQLiteStore:
             raise StoreUnavailable("store is closed")
         return self._conn
 
-    async def append(self, pubs: Sequence[Publication]) -> None:
+    async def append(
+        self, pubs: Sequence[Publication], *, retention: float = 0.0, searchable: bool = False
+    ) -> None:
         rows = [
             (
                 p.channel,
@@ -98,6 +116,8 @@ class SQLiteStore:
                 p.data,
                 orjson.dumps(p.info.to_json()) if p.info is not None else None,
                 p.time_ms,
+                p.time_ms + int(retention * 1000) if retention else None,
+                0 if searchable else None,
             )
             for p in pubs
         ]
@@ -109,8 +129,8 @@ class SQLiteStore:
                 for row in rows:
                     try:
                         db.execute(
-                            "INSERT INTO publications (channel, epoch, offset, data, info, time_ms)"
-                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            "INSERT INTO publications (channel, epoch, offset, data, info,"
+                            " time_ms, expire_at, indexed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             row,
                         )
                     except sqlite3.IntegrityError:
@@ -144,10 +164,7 @@ class SQLiteStore:
         limit: int,
         reverse: bool = False,
     ) -> list[Publication]:
-        sql = (
-            "SELECT channel, epoch, offset, data, info, time_ms FROM publications"
-            " WHERE channel = ? AND epoch = ?"
-        )
+        sql = _SELECT + " WHERE channel = ? AND epoch = ?"
         args: list[Any] = [channel, epoch]
         if after is not None:
             sql += " AND offset > ?"
@@ -184,3 +201,67 @@ class SQLiteStore:
             return await self._run(query)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def _query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await self._run(lambda: fn(self._db()))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def expire(self, now_ms: int | None = None) -> int:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return await self._query(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM publications WHERE expire_at IS NOT NULL AND expire_at <= ?",
+                    (now,),
+                ).rowcount
+            )
+        )
+
+    async def pending_index(self, limit: int) -> list[Publication]:
+        return await self._query(
+            lambda db: [
+                _row_to_pub(r)
+                for r in db.execute(
+                    _SELECT + " WHERE indexed = 0 ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+            ]
+        )
+
+    async def mark_indexed(self, pubs: Sequence[Publication]) -> None:
+        keys = [(p.channel, p.epoch, p.offset) for p in pubs]
+
+        def mark(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE publications SET indexed = 1"
+                " WHERE channel = ? AND epoch = ? AND offset = ? AND indexed = 0",
+                keys,
+            )
+
+        await self._query(mark)
+
+    async def scan(
+        self, *, after: str | None = None, limit: int, channel: str | None = None
+    ) -> tuple[list[Publication], str | None]:
+        sql = (
+            "SELECT id, channel, epoch, offset, data, info, time_ms FROM publications WHERE id > ?"
+        )
+        args: list[Any] = [int(after) if after else 0]
+        if channel is not None:
+            sql += " AND channel = ?"
+            args.append(channel)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        rows = await self._query(lambda db: db.execute(sql, args).fetchall())
+        if not rows:
+            return [], None
+        return [_row_to_pub(r[1:]) for r in rows], str(rows[-1][0])
+
+    async def count(self, channel: str | None = None) -> int:
+        sql = "SELECT count(*) FROM publications"
+        args: tuple[str, ...] = ()
+        if channel is not None:
+            sql, args = sql + " WHERE channel = ?", (channel,)
+        return int(await self._query(lambda db: db.execute(sql, args).fetchone()[0]))
