@@ -17,9 +17,40 @@ from server import errors
 from server.channels import Channel
 from server.errors import SquallError
 
+# GET /api/search query parameters that are numbers.
+_SEARCH_INTS = ("limit", "since", "until")
+
 
 class ApiHandler(JSONHandler):
+    async def get(self, method: str) -> None:
+        """``GET /api/search?query=...``: the one read that is also a GET, so
+        a search is a link an operator can open."""
+        if method != "search":
+            self.set_header("Allow", "POST")
+            self.write_squall_error(errors.MethodNotFound("use POST for this API method"))
+            return
+        body: dict[str, Any] = {}
+        for name in ("query", "q", "channel", "user", "cursor", *_SEARCH_INTS):
+            value = self.get_query_argument(name, None)
+            if value is None:
+                continue
+            if name in _SEARCH_INTS:
+                if not value.isdigit():
+                    self.write_squall_error(errors.BadRequest(f"'{name}' must be a number"))
+                    return
+                body[name] = int(value)
+            else:
+                body["query" if name == "q" else name] = value
+        await self._call(method, body)
+
     async def post(self, method: str) -> None:
+        try:
+            body = orjson.loads(self.request.body or b"{}")
+        except orjson.JSONDecodeError:
+            body = None
+        await self._call(method, body)
+
+    async def _call(self, method: str, body: Any) -> None:
         if not self.node.auth.check_api_key(self._presented_key()):
             self.write_squall_error(errors.Unauthorized("missing or wrong API key"))
             return
@@ -28,9 +59,7 @@ class ApiHandler(JSONHandler):
             self.write_squall_error(errors.MethodNotFound(f"unknown API method {method!r}"))
             return
         self.node.metrics.count_api(method)
-        try:
-            body = orjson.loads(self.request.body or b"{}")
-        except orjson.JSONDecodeError:
+        if body is None:
             self.write_squall_error(errors.BadRequest("body is not valid JSON"))
             return
         if not isinstance(body, dict):
@@ -62,7 +91,11 @@ class ApiHandler(JSONHandler):
             "disconnect": self.disconnect,
             "unsubscribe": self.unsubscribe,
             "info": self.info,
+            "search": self.search,
         }
+
+    async def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.node.search_json(body)
 
     async def publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self.node.channels.resolve(body.get("channel"))

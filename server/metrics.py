@@ -30,6 +30,7 @@ class Metrics:
         self.deliveries = 0
         self.messages_out = 0
         self.slow_disconnects = 0
+        self.searches = 0
         self.connections_accepted = 0
         self.connections_refused = 0
         self.commands: dict[str, int] = {}
@@ -109,7 +110,17 @@ class Metrics:
 
 
 _KNOWN_METHODS = frozenset(
-    {"connect", "subscribe", "unsubscribe", "publish", "history", "presence", "refresh", "ping"}
+    {
+        "connect",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "history",
+        "presence",
+        "refresh",
+        "ping",
+        "search",
+    }
 )
 
 
@@ -164,6 +175,18 @@ class _Collector:
         for ok, n in m.recoveries.items():
             rec.add_metric([str(ok).lower()], n)
         yield rec
+        yield CounterMetricFamily("squall_searches", "Searches answered", value=m.searches)
+        indexer = node.indexer
+        yield CounterMetricFamily(
+            "squall_search_indexed",
+            "Publications indexed for search by this node",
+            value=indexer.indexed if indexer else 0,
+        )
+        yield CounterMetricFamily(
+            "squall_search_index_failures",
+            "Failed indexing tries (search or store unavailable)",
+            value=indexer.failures if indexer else 0,
+        )
         api = CounterMetricFamily("squall_api_calls", "Server API calls", labels=["method"])
         for method, n in sorted(m.api_calls.items()):
             api.add_metric([method], n)

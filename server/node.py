@@ -23,10 +23,19 @@ from server.auth import Authenticator
 from server.broker import Broker, BrokerUnavailable, OffsetConflict
 from server.broker.memory import MemoryBroker
 from server.channels import Channel, Channels
-from server.config import Settings
+from server.config import NamespaceOptions, Settings
 from server.hub import Hub
 from server.metrics import Metrics
 from server.models import ClientInfo, Publication, StreamPosition
+from server.search import (
+    BadSearch,
+    SearchIndex,
+    SearchQuery,
+    SearchUnavailable,
+    decode_cursor,
+    parse_text,
+)
+from server.search.indexer import Indexer
 from server.session import Flusher, Session, Transport
 from server.store import Store, StoreConflict, StoreUnavailable
 from server.store.sqlite import SQLiteStore
@@ -59,14 +68,47 @@ def build_broker(settings: Settings) -> Broker:
 
 
 def build_store(settings: Settings) -> Store:
-    return SQLiteStore(
-        settings.data_path / "log.sqlite3", synchronous=settings.store.sqlite_synchronous
-    )
+    st = settings.store
+    if st.url:
+        from server.store.mongo import MongoStore
+
+        return MongoStore(
+            st.url,
+            database=st.database,
+            write_concern=st.write_concern,
+            journal=st.journal,
+            timeout=st.timeout,
+            retries=st.retries,
+            retry_backoff=st.retry_backoff,
+            max_pool_size=st.max_pool_size,
+            min_pool_size=st.min_pool_size,
+        )
+    return SQLiteStore(settings.data_path / "log.sqlite3", synchronous=st.sqlite_synchronous)
+
+
+def build_search(settings: Settings) -> SearchIndex | None:
+    """The configured search index, or None when no namespace is searchable."""
+    se = settings.search
+    if not any(ns.searchable for ns in settings.namespaces.values()):
+        return None
+    if se.url:
+        from server.search.cluster import ElasticsearchSearch, OpenSearchSearch
+
+        kind = ElasticsearchSearch if se.engine == "elasticsearch" else OpenSearchSearch
+        return kind(se.url, index=se.index, timeout=se.timeout)
+    from server.search.sqlite import SQLiteSearch
+
+    return SQLiteSearch(settings.data_path / "search.sqlite3")
 
 
 class Node:
     def __init__(
-        self, settings: Settings, *, broker: Broker | None = None, store: Store | None = None
+        self,
+        settings: Settings,
+        *,
+        broker: Broker | None = None,
+        store: Store | None = None,
+        search: SearchIndex | None = None,
     ) -> None:
         self.settings = settings
         self.version = __version__
@@ -77,6 +119,16 @@ class Node:
         self.auth = Authenticator(settings.auth)
         self.broker = broker if broker is not None else build_broker(settings)
         self.store = store if store is not None else build_store(settings)
+        self.search = search if search is not None else build_search(settings)
+        self.indexer: Indexer | None = None
+        if self.search is not None:
+            self.indexer = Indexer(
+                self.store,
+                self.search,
+                self._namespace_of,
+                batch_size=settings.search.batch_size,
+                interval=settings.search.interval,
+            )
         self.hub = Hub()
         self.flusher = Flusher()
         self.metrics = Metrics(self)
@@ -104,8 +156,15 @@ class Node:
         self.metrics.start()
         self._running = True
         self.spawn(self._report_forever())
+        self.spawn(self._expire_forever())
+        if self.search is not None:
+            self.spawn(self._search_forever())
         log.info(
-            "node %s started (broker=%s, store=%s)", self.node_id, self.broker.name, self.store.name
+            "node %s started (broker=%s, store=%s, search=%s)",
+            self.node_id,
+            self.broker.name,
+            self.store.name,
+            self.search.name if self.search is not None else "off",
         )
 
     async def drain(self, grace: float | None = None) -> None:
@@ -133,6 +192,8 @@ class Node:
         await self.metrics.stop()
         await self._tasks.cancel_all()
         await self.broker.close()
+        if self.search is not None:
+            await self.search.close()
         await self.store.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -284,7 +345,11 @@ class Node:
                 at = StreamPosition(current.offset + 1, current.epoch)
                 pub = Publication(name, at.offset, at.epoch, data, info)
                 try:
-                    await self.store.append([pub])
+                    await self.store.append(
+                        [pub],
+                        retention=channel.options.retention,
+                        searchable=channel.options.searchable,
+                    )
                 except StoreConflict:
                     # The log is ahead of the broker (a crash between the two
                     # steps): forget the cached position and read it again.
@@ -292,6 +357,8 @@ class Node:
                     await self._repair(channel, current)
                     continue
                 self._durable[name] = at
+                if channel.options.searchable and self.indexer is not None:
+                    self.indexer.wake()
                 try:
                     return await self.broker.publish(
                         name,
@@ -359,34 +426,51 @@ class Node:
         since: StreamPosition | None,
         limit: int,
         reverse: bool,
+        until: StreamPosition | None = None,
     ) -> tuple[list[Publication], StreamPosition]:
+        """Publications after ``since`` and before ``until`` (both exclusive,
+        both optional), oldest first or newest first with ``reverse``: from
+        the broker's window when it holds them, else from the durable log."""
         ns = channel.options
         if ns.history_size == 0 and not ns.persist:
             raise errors.NotAvailable("history is off in this namespace")
         after = since.offset if since is not None else None
+        before = until.offset if until is not None else None
         try:
             if ns.persist:
                 await self._seed_durable(channel)
-            result = await self.broker.history(
-                channel.name, after=after, limit=limit, reverse=reverse
-            )
+            if before is None:
+                result = await self.broker.history(
+                    channel.name, after=after, limit=limit, reverse=reverse
+                )
+            else:
+                # The window is small (history_size): read it whole, then cut.
+                result = await self.broker.history(
+                    channel.name, after=after, limit=max(ns.history_size, 1), reverse=False
+                )
+                kept = [p for p in result.publications if p.offset < before]
+                result.publications = (kept[::-1] if reverse else kept)[:limit]
         except BrokerUnavailable as exc:
             raise errors.Unavailable(f"broker: {exc}") from None
         position = result.position
-        if since is not None and since.epoch != position.epoch:
-            raise errors.Unrecoverable("the stream's epoch has changed")
+        for bound in (since, until):
+            if bound is not None and bound.epoch != position.epoch:
+                raise errors.Unrecoverable("the stream's epoch has changed")
         pubs = result.publications
+        top = position.offset if before is None else min(position.offset, before - 1)
         if (
             ns.persist
             and limit > 0
-            and not self._window_covers(pubs, after, limit, position, reverse)
+            and not self._window_covers(
+                pubs, after, limit, StreamPosition(top, position.epoch), reverse
+            )
         ):
             try:
                 pubs = await self.store.read(
                     channel.name,
                     position.epoch,
                     after=after,
-                    before=position.offset + 1,
+                    before=top + 1,
                     limit=limit,
                     reverse=reverse,
                 )
@@ -421,25 +505,141 @@ class Node:
         reverse = params.get("reverse", False)
         if not isinstance(reverse, bool):
             raise errors.BadRequest("'reverse' must be true or false")
-        since_raw = params.get("since")
-        since = None
-        if since_raw is not None:
-            if (
-                not isinstance(since_raw, dict)
-                or type(since_raw.get("offset")) is not int
-                or since_raw["offset"] < 0
-                or not isinstance(since_raw.get("epoch"), str)
-            ):
-                raise errors.BadRequest('\'since\' must be {"offset": int >= 0, "epoch": str}')
-            since = StreamPosition(since_raw["offset"], since_raw["epoch"])
+        since = self._position_param(params, "since")
+        until = self._position_param(params, "until")
         pubs, position = await self.history(
-            channel, since=since, limit=min(limit, max_limit), reverse=reverse
+            channel, since=since, until=until, limit=min(limit, max_limit), reverse=reverse
         )
         return {
             "publications": [protocol.pub_json(p) for p in pubs],
             "offset": position.offset,
             "epoch": position.epoch,
         }
+
+    @staticmethod
+    def _position_param(params: dict[str, Any], name: str) -> StreamPosition | None:
+        raw = params.get(name)
+        if raw is None:
+            return None
+        if (
+            not isinstance(raw, dict)
+            or type(raw.get("offset")) is not int
+            or raw["offset"] < 0
+            or not isinstance(raw.get("epoch"), str)
+        ):
+            raise errors.BadRequest(f'\'{name}\' must be {{"offset": int >= 0, "epoch": str}}')
+        return StreamPosition(raw["offset"], raw["epoch"])
+
+    # ---- search ---------------------------------------------------------
+
+    def _namespace_of(self, channel: str) -> tuple[str, NamespaceOptions | None]:
+        ns_name, sep, _ = channel.partition(":")
+        if not sep:
+            ns_name = "default"
+        return ns_name, self.settings.namespaces.get(ns_name)
+
+    async def search_json(
+        self,
+        params: dict[str, Any],
+        *,
+        channels: list[str] | None = None,
+        namespaces: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Full-text search over the durable log, as the protocol and the
+        API answer it. ``channels``/``namespaces`` bound what the caller may
+        see (None: no bound); a ``channel`` parameter narrows it further."""
+        if self.search is None:
+            raise errors.NotAvailable("search is off: no namespace is searchable")
+        try:
+            words, phrases = parse_text(params.get("query"))
+            after = decode_cursor(params["cursor"]) if params.get("cursor") is not None else None
+        except BadSearch as exc:
+            raise errors.BadRequest(str(exc)) from None
+        limit = params.get("limit", 20)
+        max_limit = self.settings.search.max_limit
+        if type(limit) is not int or not 1 <= limit:
+            raise errors.BadRequest("'limit' must be a positive integer")
+        times = {}
+        for key in ("since", "until"):
+            value = params.get(key)
+            if value is not None and (type(value) is not int or value < 0):
+                raise errors.BadRequest(f"'{key}' must be a time in milliseconds since the epoch")
+            times[key] = value
+        user = params.get("user")
+        if user is not None and not isinstance(user, str):
+            raise errors.BadRequest("'user' must be a string")
+        channel = params.get("channel")
+        if channel is not None:
+            resolved = self.channels.resolve(channel)
+            if not resolved.options.searchable:
+                raise errors.NotAvailable(f"namespace {resolved.namespace!r} is not searchable")
+            allowed = (channels is None and namespaces is None) or (
+                channel in (channels or []) or resolved.namespace in (namespaces or [])
+            )
+            channels, namespaces = ([channel] if allowed else []), None
+        query = SearchQuery(
+            words,
+            phrases,
+            channels=channels,
+            namespaces=namespaces,
+            user=user,
+            since_ms=times["since"],
+            until_ms=times["until"],
+            limit=min(limit, max_limit),
+            after=after,
+        )
+        if query.channels == [] and not query.namespaces:
+            return {"hits": [], "cursor": None}
+        try:
+            page = await self.search.search(query)
+        except SearchUnavailable as exc:
+            raise errors.Unavailable(f"search: {exc}") from None
+        self.metrics.searches += 1
+        return {"hits": [h.to_json() for h in page.hits], "cursor": page.cursor}
+
+    def searchable_namespaces(self, *, anonymous: bool) -> list[str]:
+        """Namespaces whose channels any (or any anonymous) client may
+        subscribe to without a token, and so search."""
+        return [
+            name
+            for name, ns in self.settings.namespaces.items()
+            if ns.searchable and not ns.private and (ns.allow_anonymous or not anonymous)
+        ]
+
+    async def _search_forever(self) -> None:
+        """Start the search index (retrying while it is away), then index."""
+        assert self.search is not None and self.indexer is not None
+        delay = 0.2
+        while True:
+            try:
+                await self.search.start()
+                break
+            except SearchUnavailable as exc:
+                log.warning("search %s not reachable yet: %s", self.search.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if self.settings.search.indexer:
+            await self.indexer.run_forever()
+
+    async def _expire_forever(self) -> None:
+        """Delete publications past their namespace's retention, from the
+        log and from the search index."""
+        with_retention = {n: ns for n, ns in self.settings.namespaces.items() if ns.retention}
+        if not with_retention:
+            return
+        while True:
+            await asyncio.sleep(self.settings.store.expire_interval)
+            try:
+                removed = await self.store.expire()
+                if removed:
+                    log.info("expired %d publications from the log", removed)
+                if self.search is not None and self.search.healthy():
+                    now_ms = int(time.time() * 1000)
+                    for name, ns in with_retention.items():
+                        if ns.searchable:
+                            await self.search.expire(name, now_ms - int(ns.retention * 1000))
+            except (StoreUnavailable, SearchUnavailable) as exc:
+                log.warning("retention sweep failed: %s", exc)
 
     # ---- presence -------------------------------------------------------
 
@@ -577,4 +777,16 @@ class Node:
             },
             "broker": {"name": self.broker.name, "healthy": self.broker.healthy()},
             "store": {"name": self.store.name, "healthy": self.store.healthy()},
+            "search": self._search_info(),
+        }
+
+    def _search_info(self) -> dict[str, Any]:
+        if self.search is None or self.indexer is None:
+            return {"name": "off", "healthy": True}
+        return {
+            "name": self.search.name,
+            "healthy": self.search.healthy(),
+            "indexed": self.indexer.indexed,
+            "failures": self.indexer.failures,
+            "last_error": self.indexer.last_error,
         }

@@ -22,7 +22,17 @@ from server.errors import BadRequest, SquallError
 from server.models import ClientInfo, Publication
 
 METHODS = frozenset(
-    {"connect", "subscribe", "unsubscribe", "publish", "history", "presence", "refresh", "ping"}
+    {
+        "connect",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "history",
+        "presence",
+        "refresh",
+        "ping",
+        "search",
+    }
 )
 MAX_ID = 2**53 - 1  # what a JavaScript number holds exactly
 

@@ -566,6 +566,16 @@ class Session:
         channel = self._subscribed_channel(params)
         return await self.node.history_json(channel, params)
 
+    async def _cmd_search(self, params: dict[str, Any]) -> dict[str, Any]:
+        # Only over channels this client may subscribe to: any channel of a
+        # public namespace it may use, and the private channels it holds.
+        private = [n for n, c in self.subs.items() if c.options.private and c.options.searchable]
+        return await self.node.search_json(
+            params,
+            channels=private,
+            namespaces=self.node.searchable_namespaces(anonymous=not self.user),
+        )
+
     async def _cmd_presence(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = self._subscribed_channel(params)
         if not channel.options.presence:

@@ -70,10 +70,12 @@ class FailingStore(SQLiteStore):
 
     failing = False
 
-    async def append(self, pubs: Sequence[Publication]) -> None:
+    async def append(
+        self, pubs: Sequence[Publication], *, retention: float = 0.0, searchable: bool = False
+    ) -> None:
         if self.failing:
             raise StoreUnavailable("disk on fire")
-        await super().append(pubs)
+        await super().append(pubs, retention=retention, searchable=searchable)
 
 
 async def test_store_failure_fails_the_publish_and_delivers_nothing(
