@@ -295,6 +295,12 @@ class Client:
         result: dict[str, Any] = await self.call("presence", {"channel": channel})
         return result["presence"]  # type: ignore[no-any-return]
 
+    async def search(self, query: str, **params: Any) -> dict[str, Any]:
+        """Full-text search over the channels this client may subscribe to:
+        ``{"hits": [...], "cursor": ...}``."""
+        result: dict[str, Any] = await self.call("search", {"query": query, **params})
+        return result
+
     async def refresh(self, token: str) -> dict[str, Any]:
         self.token = token
         result: dict[str, Any] = await self.call("refresh", {"token": token})
@@ -465,4 +471,8 @@ class ApiClient:
 
     async def info(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("info")
+        return result
+
+    async def search(self, query: str, **params: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("search", {"query": query, **params})
         return result

@@ -576,7 +576,9 @@ class Node:
             allowed = (channels is None and namespaces is None) or (
                 channel in (channels or []) or resolved.namespace in (namespaces or [])
             )
-            channels, namespaces = ([channel] if allowed else []), None
+            if not allowed:
+                raise errors.PermissionDenied("search only channels you may subscribe to")
+            channels, namespaces = [channel], None
         query = SearchQuery(
             words,
             phrases,
