@@ -1,4 +1,5 @@
-"""The ``squall`` command: ``serve``, ``token``, ``check-config``.
+"""The ``squall`` command: ``serve``, ``token``, ``check-config``, ``reindex``,
+``log export``, ``hash-password``.
 
 Exit codes: 0 success, 2 bad configuration or usage, 1 anything else.
 """
@@ -12,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from server import __version__
 from server.broker import BrokerUnavailable
 from server.config import ConfigError, Settings, ensure_secrets, load_settings
+from server.store import StoreUnavailable
 
 log = logging.getLogger("squall")
 
@@ -65,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="hash a dashboard password (read from stdin) for the config"
     )
 
+    reindex = sub.add_parser(
+        "reindex", help="rebuild the search index from the durable log (progress on stderr)"
+    )
+    _add_config_flags(reindex)
+    reindex.add_argument("--batch", type=int, default=500, help="publications per bulk request")
+
+    log_cmd = sub.add_parser("log", help="the durable log")
+    log_sub = log_cmd.add_subparsers(dest="log_command", required=True)
+    export = log_sub.add_parser("export", help="write the log as JSON lines, oldest first")
+    _add_config_flags(export)
+    export.add_argument("--channel", help="only this channel (default: every channel)")
+    export.add_argument("--output", "-o", help="file to write (default: stdout)")
+
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_config_flags(check)
     check.add_argument("--host")
@@ -94,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "check-config":
             return _check_config(settings)
+        if args.command == "reindex":
+            return _reindex(settings, args)
+        if args.command == "log":
+            return _export(settings, args)
         secrets_path = ensure_secrets(settings)
         if args.command == "token":
             return _token(settings, args)
@@ -154,6 +174,53 @@ def _serve_command(
         settings, _worker_argv(argv), workers, separate_ports=args.worker_ports,
         on_listening=on_listening,
     )  # fmt: skip
+
+
+def _reindex(settings: Settings, args: argparse.Namespace) -> int:
+    from server.maintenance import reindex
+    from server.search import SearchUnavailable
+    from server.store import StoreUnavailable
+
+    if args.batch < 1:
+        raise ConfigError("--batch", "must be at least 1")
+    started = time.monotonic()
+    try:
+        read, held = asyncio.run(reindex(settings, batch=args.batch))
+    except ValueError as exc:
+        raise ConfigError("namespaces", str(exc)) from None
+    except (StoreUnavailable, SearchUnavailable) as exc:
+        print(f"squall: reindex failed: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"reindexed {read:,} publications from the log in {time.monotonic() - started:.1f}s; "
+        f"the index holds {held:,} documents"
+    )
+    return 0
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    from server.maintenance import export_log
+    from server.store import StoreUnavailable
+
+    if args.channel is not None:
+        from server.channels import Channels
+        from server.errors import SquallError
+
+        try:
+            Channels(settings).resolve(args.channel)
+        except SquallError as exc:
+            raise ConfigError("--channel", exc.message) from None
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        count = asyncio.run(export_log(settings, channel=args.channel, out=out))
+    except StoreUnavailable as exc:
+        print(f"squall: export failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {count:,} publications", file=sys.stderr)
+    return 0
 
 
 def _hash_password() -> int:
@@ -278,6 +345,9 @@ async def _serve(
         await node.start()
     except BrokerUnavailable as exc:
         print(f"squall: broker unavailable: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        print(f"squall: store unavailable: {exc}", file=sys.stderr)
         return 1
     app = make_app(node)
     server = tornado.httpserver.HTTPServer(

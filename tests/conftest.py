@@ -254,6 +254,43 @@ def redis_cluster() -> Iterator[Any]:
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def ferretdb() -> Iterator[Any]:
+    """A MongoDB wire-protocol server (FerretDB on SQLite) for the session;
+    each test uses a database of its own (``mongo_url``)."""
+    from tests.services import FerretDB
+
+    server = FerretDB().start()
+    yield server
+    server.stop()
+
+
+def mongo_url(server: Any) -> str:
+    import uuid
+
+    return f"{server.url}t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def opensearch() -> Iterator[Any]:
+    """One OpenSearch 2.19 node for the session; tests use indexes of their own."""
+    from tests.services import OpenSearchNode
+
+    node = OpenSearchNode().start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def elastic_front(opensearch: Any) -> Iterator[Any]:
+    """The node behind the HAProxy front the elasticsearch 8 client accepts."""
+    from tests.services import ElasticFront
+
+    front = ElasticFront(opensearch.port).start()
+    yield front
+    front.stop()
+
+
 @pytest.fixture
 def prefix() -> str:
     """A Redis key prefix of this test's own: tests share Redis servers."""

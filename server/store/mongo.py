@@ -11,6 +11,13 @@ wire protocol and implements them works (tests run on FerretDB).
 - Atomicity without transactions: an append that collides with a *different*
   publication deletes what it inserted before raising ``StoreConflict``; a
   collision with the *same* publication (a retry) is a no-op.
+- Search indexing: a searchable publication is also queued, whole, in a small
+  ``index_queue`` collection, written *before* the publication itself. The
+  indexer reads the queue (never scans the log), checks that each queued
+  publication made it into the log, and deletes queue entries once indexed:
+  the queue is the indexer's persisted checkpoint. A crash between the two
+  writes leaves an entry whose publication never came; it is dropped after
+  ``orphan_after`` seconds.
 - Retention: each publication carries ``expire_at`` (a date) when its
   namespace has a ``retention``. A TTL index deletes it on MongoDB; where the
   server has no TTL indexes, the node's periodic ``expire`` sweep does.
@@ -21,6 +28,7 @@ wire protocol and implements them works (tests run on FerretDB).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import time
@@ -29,7 +37,7 @@ from typing import Any, TypeVar
 
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -51,12 +59,14 @@ log = logging.getLogger("squall.store")
 T = TypeVar("T")
 
 COLLECTION = "publications"
+QUEUE = "index_queue"
+_POSITION = ("channel", "epoch", "offset")
 _DUPLICATE_KEY = 11000
 # Errors worth another try: the server or the network, not the request.
 _TRANSIENT = (ConnectionFailure, ServerSelectionTimeoutError, ExecutionTimeout, WTimeoutError)
 
 
-def _doc(p: Publication, retention: float, searchable: bool) -> dict[str, Any]:
+def _doc(p: Publication, retention: float) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "channel": p.channel,
         "epoch": p.epoch,
@@ -70,8 +80,6 @@ def _doc(p: Publication, retention: float, searchable: bool) -> dict[str, Any]:
         doc["expire_at"] = datetime.datetime.fromtimestamp(
             (p.time_ms + retention * 1000) / 1000, tz=datetime.UTC
         )
-    if searchable:
-        doc["pending"] = True
     return doc
 
 
@@ -115,6 +123,14 @@ class MongoStore:
         self._col: AsyncCollection[dict[str, Any]] | None = None
         self._ok = False
         self.ttl_index = False
+        self._queue: AsyncCollection[dict[str, Any]] | None = None
+        # Positions this process appended (so known to be in the log), and the
+        # queue entry of each publication pending_index handed out.
+        self._appended: dict[tuple[str, str, int], None] = {}
+        self._handed: dict[tuple[str, str, int], set[ObjectId]] = {}
+        # Seconds after which a queue entry whose publication is not in the
+        # log is taken for a failed append and dropped.
+        self.orphan_after = max(60.0, 4 * timeout * (retries + 1))
 
     async def start(self) -> None:
         ms = int(self._timeout * 1000)
@@ -129,6 +145,7 @@ class MongoStore:
         )
         db = self._client.get_default_database(self._database)
         self._col = db.get_collection(COLLECTION, write_concern=self._write_concern)
+        self._queue = db.get_collection(QUEUE, write_concern=self._write_concern)
         col = self._col
         await self._call(
             lambda: col.create_index(
@@ -137,7 +154,6 @@ class MongoStore:
                 name="position",
             )
         )
-        await self._call(lambda: col.create_index([("pending", ASCENDING)], name="pending"))
         await self._call(
             lambda: col.create_index([("channel", ASCENDING), ("_id", ASCENDING)], name="scan")
         )
@@ -159,6 +175,7 @@ class MongoStore:
             await self._client.close()
             self._client = None
             self._col = None
+            self._queue = None
         self._ok = False
 
     def healthy(self) -> bool:
@@ -168,6 +185,11 @@ class MongoStore:
         if self._col is None:
             raise StoreUnavailable("store is closed")
         return self._col
+
+    def _index_queue(self) -> AsyncCollection[dict[str, Any]]:
+        if self._queue is None:
+            raise StoreUnavailable("store is closed")
+        return self._queue
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` with a timeout, retrying transient failures with backoff."""
@@ -200,7 +222,31 @@ class MongoStore:
         if not pubs:
             return
         col = self._collection()
-        docs = [_doc(p, retention, searchable) for p in pubs]
+        docs = [_doc(p, retention) for p in pubs]
+        queued: list[ObjectId] = []
+        if searchable:
+            queue = self._index_queue()
+            entries = [{**d, "_id": ObjectId()} for d in docs]
+            queued = [e["_id"] for e in entries]
+            await self._call(lambda: queue.insert_many(entries, ordered=False))
+        try:
+            await self._insert(col, docs)
+        except BaseException:
+            if queued:
+                # Best effort: an entry left behind is dropped as an orphan.
+                with contextlib.suppress(StoreUnavailable):
+                    await self._call(
+                        lambda: self._index_queue().delete_many({"_id": {"$in": queued}})
+                    )
+            raise
+        if len(self._appended) > 100_000:
+            self._appended.clear()
+        for d in docs:
+            self._appended[(d["channel"], d["epoch"], d["offset"])] = None
+
+    async def _insert(
+        self, col: AsyncCollection[dict[str, Any]], docs: list[dict[str, Any]]
+    ) -> None:
         try:
             # Fresh documents on every try: insert_many adds _id to them.
             await self._call(lambda: col.insert_many([dict(d) for d in docs], ordered=False))
@@ -213,7 +259,7 @@ class MongoStore:
         dup = [docs[e["index"]] for e in failed]
         taken = await self._call(
             lambda: col.find(
-                {"$or": [{k: d[k] for k in ("channel", "epoch", "offset")} for d in dup]},
+                {"$or": [{k: d[k] for k in _POSITION} for d in dup]},
                 {"channel": 1, "epoch": 1, "offset": 1, "data": 1},
             ).to_list()
         )
@@ -227,9 +273,7 @@ class MongoStore:
     async def _undo(self, docs: list[dict[str, Any]], failed: set[int]) -> None:
         """Delete what an append inserted before it failed (all or nothing)."""
         keys = [
-            {k: d[k] for k in ("channel", "epoch", "offset", "data")}
-            for i, d in enumerate(docs)
-            if i not in failed
+            {k: d[k] for k in (*_POSITION, "data")} for i, d in enumerate(docs) if i not in failed
         ]
         if keys:
             col = self._collection()
@@ -283,24 +327,51 @@ class MongoStore:
         return int(result.deleted_count)
 
     async def pending_index(self, limit: int) -> list[Publication]:
-        col = self._collection()
-        docs = await self._call(
-            lambda: col.find({"pending": True}).sort("_id", ASCENDING).limit(limit).to_list()
+        queue = self._index_queue()
+        entries = await self._call(
+            lambda: queue.find({}).sort("_id", ASCENDING).limit(limit).to_list()
         )
-        return [_pub(d) for d in docs]
+        if not entries:
+            return []
+        keys = {(e["channel"], e["epoch"], e["offset"]) for e in entries}
+        unknown = keys - self._appended.keys()
+        if unknown:
+            # Queued by another process, or before a restart: in the log?
+            col = self._collection()
+            found = await self._call(
+                lambda: col.find(
+                    {"$or": [dict(zip(_POSITION, k, strict=True)) for k in unknown]},
+                    {"channel": 1, "epoch": 1, "offset": 1},
+                ).to_list()
+            )
+            present = {(d["channel"], d["epoch"], d["offset"]) for d in found}
+            unknown -= present
+        out: list[Publication] = []
+        out_keys: set[tuple[str, str, int]] = set()
+        orphans: list[ObjectId] = []
+        now = time.time()
+        if len(self._handed) > 100_000:
+            self._handed.clear()
+        for entry in entries:
+            key = (entry["channel"], entry["epoch"], entry["offset"])
+            if key in unknown:
+                if now - entry["_id"].generation_time.timestamp() > self.orphan_after:
+                    orphans.append(entry["_id"])
+                continue
+            if key not in out_keys:
+                out_keys.add(key)
+                out.append(_pub(entry))
+            self._handed.setdefault(key, set()).add(entry["_id"])
+        if orphans:
+            log.warning("store: dropping %d index-queue entries of failed appends", len(orphans))
+            await self._call(lambda: queue.delete_many({"_id": {"$in": orphans}}))
+        return out
 
     async def mark_indexed(self, pubs: Sequence[Publication]) -> None:
-        if not pubs:
-            return
-        ops = [
-            UpdateOne(
-                {"channel": p.channel, "epoch": p.epoch, "offset": p.offset},
-                {"$unset": {"pending": ""}},
-            )
-            for p in pubs
-        ]
-        col = self._collection()
-        await self._call(lambda: col.bulk_write(ops, ordered=False))
+        ids = [i for p in pubs for i in self._handed.pop((p.channel, p.epoch, p.offset), set())]
+        if ids:
+            queue = self._index_queue()
+            await self._call(lambda: queue.delete_many({"_id": {"$in": ids}}))
 
     async def scan(
         self, *, after: str | None = None, limit: int, channel: str | None = None

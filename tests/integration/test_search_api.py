@@ -107,7 +107,7 @@ async def test_search_is_off_without_a_searchable_namespace(server: Running) -> 
     with pytest.raises(ApiError) as err:
         await server.api().search("anything")
     assert err.value.code == 108
-    assert (await server.api().info())  # the node is fine otherwise
+    assert await server.api().info()  # the node is fine otherwise
 
 
 async def test_clients_search_only_channels_they_may_subscribe_to(

@@ -5,28 +5,14 @@ HAProxy front that makes the node answer it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from server.search.cluster import ElasticsearchSearch, OpenSearchSearch
 from tests.contract_search import *  # noqa: F403 - the shared contract tests
-from tests.services import ElasticFront, OpenSearchNode
-
-
-@pytest.fixture(scope="session")
-def opensearch() -> Iterator[OpenSearchNode]:
-    node = OpenSearchNode().start()
-    yield node
-    node.stop()
-
-
-@pytest.fixture(scope="session")
-def elastic_front(opensearch: OpenSearchNode) -> Iterator[ElasticFront]:
-    front = ElasticFront(opensearch.port).start()
-    yield front
-    front.stop()
+from tests.services import OpenSearchNode
 
 
 @pytest.fixture(params=["opensearch", "elasticsearch"])

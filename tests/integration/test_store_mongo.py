@@ -3,28 +3,17 @@ FerretDB on SQLite), and what a durable publish does when the store goes away.""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from server.store import StoreUnavailable
 from server.store.mongo import MongoStore
+from tests.conftest import mongo_url
 from tests.contract_store import *  # noqa: F403 - the shared contract tests
 from tests.contract_store import pub
 from tests.services import FerretDB
-
-
-@pytest.fixture(scope="session")
-def ferretdb() -> Iterator[FerretDB]:
-    server = FerretDB().start()
-    yield server
-    server.stop()
-
-
-def mongo_url(server: FerretDB) -> str:
-    """A database of its own for each test."""
-    return f"{server.url}t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
@@ -49,3 +38,34 @@ async def test_unreachable_store_fails_within_its_timeout() -> None:
         await s.start()
     assert not s.healthy()
     await s.close()
+
+
+async def test_queued_by_another_node_is_checked_against_the_log(
+    store: MongoStore, ferretdb: Any
+) -> None:
+    # A second process on the same database: it did not append, so it looks
+    # each queued publication up in the log before handing it out.
+    other = MongoStore(store._url, timeout=5)
+    await other.start()
+    try:
+        await store.append([pub("q", 1), pub("q", 2)], searchable=True)
+        pending = await other.pending_index(10)
+        assert [p.offset for p in pending] == [1, 2]
+        await other.mark_indexed(pending)
+        assert await store.pending_index(10) == []
+    finally:
+        await other.close()
+
+
+async def test_an_entry_whose_append_never_landed_is_dropped(store: MongoStore) -> None:
+    # What a crash between the queue write and the log write leaves behind.
+    queue = store._index_queue()
+    await queue.insert_one(
+        {"channel": "ghost", "epoch": "e1", "offset": 1, "data": b"{}", "time_ms": 1}
+    )
+    await store.append([pub("real", 1)], searchable=True)
+    assert [p.channel for p in await store.pending_index(10)] == ["real"]
+    assert await queue.count_documents({}) == 2  # young: kept, maybe still landing
+    store.orphan_after = 0
+    assert [p.channel for p in await store.pending_index(10)] == ["real"]
+    assert await queue.count_documents({"channel": "ghost"}) == 0
