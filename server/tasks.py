@@ -29,10 +29,19 @@ class BackgroundTasks:
         if not task.cancelled() and task.exception() is not None:
             self._log.error("%s failed", self._what, exc_info=task.exception())
 
-    async def cancel_all(self) -> None:
+    async def cancel_all(self, timeout: float = 5.0) -> None:
+        """Cancel every step and wait for them, at most ``timeout`` seconds:
+        a client library stuck in a connect that ignores cancellation must
+        not hold up shutdown."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            self._log.warning("%s did not stop within %.0fs: %r", self._what, timeout, task)
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()

@@ -21,6 +21,12 @@ from server.search import SearchDoc, SearchHit, SearchPage, SearchQuery, SearchU
 
 log = logging.getLogger("squall.search")
 
+# The clients log every failed request with a traceback; the indexer already
+# reports an outage once, so theirs stay quiet unless configured otherwise.
+for _name in ("opensearch", "elastic_transport.transport", "elastic_transport.node_pool"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
+
 MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     "properties": {

@@ -94,10 +94,13 @@ class Indexer:
                 log.info("indexing resumed after %d failed tries", failures)
                 failures = 0
             if taken < self._batch:
+                # A timer rather than wait_for, whose cancellation is not
+                # reliable on Python 3.11: close() must stop this loop.
+                timer = asyncio.get_running_loop().call_later(self._interval, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
-                except TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
 
     async def drain(self, timeout: float) -> int:
         """Index everything pending now (tests, reindex); return how many."""
