@@ -69,6 +69,16 @@ export interface SubscriptionHandlers<T = unknown> {
   error?: (event: { error: SquallError }) => void;
 }
 
+export interface SearchHit<T = unknown> {
+  channel: string;
+  offset: number;
+  epoch: string;
+  /** Milliseconds since the epoch. */
+  time: number;
+  data: T;
+  info?: ClientInfo;
+}
+
 export interface SubscribeOptions {
   /** Subscription JWT, for private namespaces. */
   token?: string;
@@ -112,8 +122,26 @@ export declare class Squall extends Emitter {
   publish(channel: string, data: unknown): Promise<{ offset: number; epoch: string }>;
   history(
     channel: string,
-    options?: { limit?: number; since?: { offset: number; epoch: string }; reverse?: boolean },
+    options?: {
+      limit?: number;
+      since?: { offset: number; epoch: string };
+      until?: { offset: number; epoch: string };
+      reverse?: boolean;
+    },
   ): Promise<{ publications: Publication[]; offset: number; epoch: string }>;
+  /** Full-text search (WebSocket only). Subscribe with `since: {offset:
+   * hit.offset - 1, epoch: hit.epoch}` to replay from a hit and go on live. */
+  search(
+    query: string,
+    options?: {
+      channel?: string;
+      user?: string;
+      since?: number;
+      until?: number;
+      limit?: number;
+      cursor?: string;
+    },
+  ): Promise<{ hits: SearchHit[]; cursor: string | null }>;
   presence(channel: string): Promise<Record<string, ClientInfo>>;
   call(method: string, params?: Record<string, unknown>): Promise<any>;
   on(event: "state", fn: (e: StateEvent) => void): () => void;

@@ -473,6 +473,13 @@ export class Squall extends Emitter {
     return this._send("history", { channel, ...options });
   }
 
+  /** Full-text search over the channels this client may subscribe to. To
+   * continue live from a hit: subscribe(hit.channel, handlers,
+   * { since: { offset: hit.offset - 1, epoch: hit.epoch } }). */
+  search(query, options = {}) {
+    return this._send("search", { query, ...options });
+  }
+
   async presence(channel) {
     return (await this._send("presence", { channel })).presence;
   }

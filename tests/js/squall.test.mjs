@@ -198,3 +198,29 @@ test("falls back to SSE after WebSocket fails twice, resuming from positions", a
   await assert.rejects(squall.publish("news", 1), /SSE/);
   squall.disconnect();
 });
+
+test("search, then subscribe from a hit: the hit and what follows, then live", async () => {
+  const squall = client();
+  squall.connect();
+  await tick(10);
+  const ws = FakeSocket.instances[0];
+  ws.reply("connect", { client: "c1", expires: false });
+  const found = squall.search("banana", { channel: "chat:r", limit: 1 });
+  const cmd = ws.sent.find((c) => c.method === "search");
+  assert.deepEqual(cmd.params, { query: "banana", channel: "chat:r", limit: 1 });
+  const hit = { channel: "chat:r", offset: 7, epoch: "e1", time: 1, data: "banana" };
+  ws.reply("search", { hits: [hit], cursor: null });
+  const { hits } = await found;
+  const got = [];
+  squall.subscribe(
+    hits[0].channel,
+    { publication: (p) => got.push(p.offset) },
+    { since: { offset: hits[0].offset - 1, epoch: hits[0].epoch } },
+  );
+  const sub = ws.sent.find((c) => c.method === "subscribe");
+  assert.deepEqual(sub.params, { channel: "chat:r", recover: true, offset: 6, epoch: "e1" });
+  ws.reply("subscribe", { offset: 8, epoch: "e1", recovered: true, publications: [pub(7, "a"), pub(8, "b")] });
+  ws.push({ push: "pub", channel: "chat:r", pub: pub(8, "b") }, { push: "pub", channel: "chat:r", pub: pub(9, "c") });
+  assert.deepEqual(got, [7, 8, 9]);
+  squall.disconnect();
+});
