@@ -122,3 +122,34 @@ def test_commands_refuse_bad_input(tmp_path: Path) -> None:
     done = squall("log", "export", "-c", str(path))
     assert done.returncode == 1
     assert "export failed" in done.stderr and "mongodb" in done.stderr
+
+
+async def test_reindex_in_process_reports_progress(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The same jobs called as functions (how the CLI runs them)."""
+    import io
+
+    from server.config import load_settings
+    from server.maintenance import export_log, reindex
+
+    config = {
+        "server": {"data_dir": str(tmp_path / "d")},
+        "auth": {"token_secret": SECRET, "api_key": API_KEY},
+        "namespaces": {**NAMESPACES, "quiet": {"persist": True}},
+    }
+    run = await make_server(config)
+    for n in range(30):
+        await run.api().publish("log:x" if n % 3 else "quiet:y", {"text": f"w{n}"})
+    await run.node.close()
+    settings = load_settings(raw=config, env={})
+    progress = io.StringIO()
+    read, held = await reindex(settings, batch=7, out=progress)
+    assert (read, held) == (30, 20)  # every publication read, the searchable ones indexed
+    assert progress.getvalue().splitlines()[-1].startswith("reindex: [")
+    assert "30/30 100%" in progress.getvalue()
+    out = io.StringIO()
+    assert await export_log(settings, channel="quiet:y", out=out, batch=4) == 10
+    assert [orjson.loads(line)["offset"] for line in out.getvalue().splitlines()] == list(
+        range(1, 11)
+    )
