@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps services clean bench
+.PHONY: run test lint system-deps services clean bench bench-idle
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -49,3 +49,7 @@ clean:
 # Fan-out benchmark against peers (raw asyncio ceiling, plain Tornado); writes bench/results/.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Memory per idle subscribed connection, against the same peers; writes bench/results/idle.md.
+bench-idle: $(STAMP)
+	$(BIN)/python -m bench.idle $(BENCH_ARGS)
