@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
-from bench.run import RESULTS, free_port, hello, start_peer
+from bench.run import free_port, hello, start_peer, write_results
 from bench.wsproto import OFFSET, SEQ, Subscriber
 
 
@@ -164,20 +161,9 @@ def main() -> None:
                     flush=True,
                 )
                 results.append(r)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta: dict[str, Any] = {
-        "time": stamp, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "args": vars(args),
-    }  # fmt: skip
-    (RESULTS / f"idle-{stamp}.json").write_text(
-        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
-    )
     table = summarize(results)
-    (RESULTS / "idle.md").write_text(
-        f"# Memory per idle subscribed connection\n\n{json.dumps(meta)}\n\n{table}\n"
-    )
-    print(table)
+    title = "Memory per idle subscribed connection"
+    print(write_results("idle", title, vars(args), results, table))
 
 
 if __name__ == "__main__":

@@ -271,20 +271,23 @@ def main() -> None:
                       f"{r.cpu_us_per_delivery:7.2f} µs/delivery lost={r.lost} dup={r.duplicated}"
                       f"{' CLIENT-BOUND' if r.client_bound else ''}", flush=True)  # fmt: skip
                 results.append(r)
+    print(write_results("fanout", "Fan-out, one channel", vars(args), results, summarize(results)))
+
+
+def write_results(kind: str, title: str, args: dict[str, Any], results: list[Any],
+                  table: str) -> str:  # fmt: skip
+    """bench/results/<kind>-<time>.json (every run) and <kind>.md (the table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta: dict[str, Any] = {
         "time": stamp, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "args": vars(args),
+        "cpus": os.cpu_count(), "args": args,
     }  # fmt: skip
-    (RESULTS / f"fanout-{stamp}.json").write_text(
+    (RESULTS / f"{kind}-{stamp}.json").write_text(
         json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
     )
-    table = summarize(results)
-    (RESULTS / "fanout.md").write_text(
-        f"# Fan-out, one channel\n\n{json.dumps(meta)}\n\n{table}\n"
-    )
-    print(table)
+    (RESULTS / f"{kind}.md").write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{table}\n")
+    return table
 
 
 if __name__ == "__main__":

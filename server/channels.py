@@ -20,6 +20,12 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-=@/#:+,;!~$]+")
 
 
+def namespace_name(channel: str) -> str:
+    """The namespace a (valid) channel name belongs to."""
+    ns_name, sep, _ = channel.partition(":")
+    return ns_name if sep else "default"
+
+
 @dataclass(slots=True, frozen=True)
 class Channel:
     name: str

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import orjson
 
-from server.config import NamespaceOptions, Settings
+from server.config import Settings
 from server.node import build_search, build_store
 from server.protocol import pub_json
 from server.search.indexer import docs_for
@@ -72,16 +72,11 @@ async def reindex(settings: Settings, *, batch: int, out: TextIO = sys.stderr) -
             await index.clear()
             cursor: str | None = None
 
-            def namespace_of(channel: str) -> tuple[str, NamespaceOptions | None]:
-                name, sep, _ = channel.partition(":")
-                name = name if sep else "default"
-                return name, settings.namespaces.get(name)
-
             while True:
                 pubs, cursor = await store.scan(after=cursor, limit=batch)
                 if not pubs:
                     break
-                await index.index(docs_for(pubs, namespace_of))
+                await index.index(docs_for(pubs, settings.namespaces))
                 await store.mark_indexed(pubs)
                 progress.advance(len(pubs))
             progress.finish()

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.errors import Disconnect
+from server.protocol import METHODS
 
 if TYPE_CHECKING:
     from server.node import Node
@@ -44,7 +45,6 @@ class Metrics:
         self.registry.register(_Collector(self, node))
 
     def count_command(self, method: str) -> None:
-        # Only known methods get their own label, so clients cannot grow it.
         key = method if method in _KNOWN_METHODS else "other"
         self.commands[key] = self.commands.get(key, 0) + 1
 
@@ -109,19 +109,8 @@ class Metrics:
         return out
 
 
-_KNOWN_METHODS = frozenset(
-    {
-        "connect",
-        "subscribe",
-        "unsubscribe",
-        "publish",
-        "history",
-        "presence",
-        "refresh",
-        "ping",
-        "search",
-    }
-)
+# Only known methods get their own label, so clients cannot grow it.
+_KNOWN_METHODS = METHODS
 
 
 class _Collector:

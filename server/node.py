@@ -23,7 +23,7 @@ from server.auth import Authenticator
 from server.broker import Broker, BrokerUnavailable, OffsetConflict
 from server.broker.memory import MemoryBroker
 from server.channels import Channel, Channels
-from server.config import NamespaceOptions, Settings
+from server.config import Settings
 from server.hub import Hub
 from server.metrics import Metrics
 from server.models import ClientInfo, Publication, StreamPosition
@@ -125,7 +125,7 @@ class Node:
             self.indexer = Indexer(
                 self.store,
                 self.search,
-                self._namespace_of,
+                settings.namespaces,
                 batch_size=settings.search.batch_size,
                 interval=settings.search.interval,
             )
@@ -531,12 +531,6 @@ class Node:
         return StreamPosition(raw["offset"], raw["epoch"])
 
     # ---- search ---------------------------------------------------------
-
-    def _namespace_of(self, channel: str) -> tuple[str, NamespaceOptions | None]:
-        ns_name, sep, _ = channel.partition(":")
-        if not sep:
-            ns_name = "default"
-        return ns_name, self.settings.namespaces.get(ns_name)
 
     async def search_json(
         self,

@@ -94,6 +94,23 @@ class _Process:
             self.proc.wait(timeout=10)
             self.proc = None
 
+    def _spawn(
+        self, cmd: list[str], log: Path, ready: Callable[[], bool], timeout: float, what: str
+    ) -> None:
+        """Start ``cmd`` with its output in ``log`` (a pipe nobody reads would
+        fill up and block it); wait until ``ready()`` or until it exits."""
+        with log.open("ab") as out:
+            self.proc = proc = subprocess.Popen(cmd, stdout=out, stderr=out)
+        wait_until(lambda: ready() or proc.poll() is not None, timeout, what)
+        if proc.poll() is not None:
+            self.proc = None
+            raise RuntimeError(f"{what} exited: {log.read_text()[-4000:]}")
+
+    def _stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=timeout)
+            self.proc = None
+
 
 class RedisServer(_Process):
     """A redis-server process on a free loopback port, no persistence."""
@@ -283,21 +300,14 @@ class FerretDB(_Process):
 
     def start(self) -> FerretDB:
         self.port = self.port or free_port()
-        log = (self.dir / "ferretdb.log").open("ab")
-        self.proc = subprocess.Popen(
+        self._spawn(
             [self.binary, "-listen", f"127.0.0.1:{self.port}", "-dir", str(self.dir / "data")],
-            stdout=log, stderr=log,
+            self.dir / "ferretdb.log", lambda: port_open(self.port), 30, "ferretdb",
         )  # fmt: skip
-        log.close()
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 30, "ferretdb")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ferretdb exited: {(self.dir / 'ferretdb.log').read_text()}")
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self._stop()
 
 
 # ---- OpenSearch, and an Elasticsearch-speaking front ---------------------
@@ -331,29 +341,18 @@ class OpenSearchNode(_Process):
     def start(self, timeout: float = 180) -> OpenSearchNode:
         self.port = self.port or free_port()
         self.transport_port = self.transport_port or free_port()
-        self.log = self.dir / "opensearch.log"
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
+        log = self.dir / "opensearch.log"
+        self._spawn(
             [self.java, "-Xms512m", "-Xmx512m", "-XX:+UseSerialGC",
              "-Dlog4j2.level=WARN", "-cp", self.classpath,
              str(ROOT / "scripts" / "opensearch" / "SquallOpenSearchNode.java"),
              str(self.port), str(self.transport_port), str(self.dir / "node")],
-            stdout=log, stderr=log,
+            log, lambda: b"READY" in log.read_bytes(), timeout, "opensearch",
         )  # fmt: skip
-        log.close()
-        wait_until(
-            lambda: b"READY" in self.log.read_bytes() or self.proc.poll() is not None,
-            timeout,
-            "opensearch",
-        )
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"opensearch exited: {self.log.read_text()[-4000:]}")
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, timeout=30)
-            self.proc = None
+        self._stop(timeout=30)
 
 
 ELASTIC_FRONT = """\
@@ -382,7 +381,7 @@ backend opensearch
 """
 
 
-class ElasticFront:
+class ElasticFront(_Process):
     """HAProxy in front of an OpenSearch node that makes it answer the
     ``elasticsearch`` 8 client: media types rewritten, product header added."""
 
@@ -404,18 +403,14 @@ class ElasticFront:
         self.port = free_port()
         path = self.dir / "front.cfg"
         path.write_text(ELASTIC_FRONT.format(port=self.port, backend=self.backend_port))
-        log = (self.dir / "haproxy.log").open("ab")
-        self.proc = subprocess.Popen([self.binary, "-f", str(path), "-db"], stdout=log, stderr=log)
-        log.close()
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "es front")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"haproxy exited: {(self.dir / 'haproxy.log').read_text()}")
+        self._spawn(
+            [self.binary, "-f", str(path), "-db"],
+            self.dir / "haproxy.log", lambda: port_open(self.port), 10, "es front",
+        )  # fmt: skip
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self._stop()
 
 
 # ---- Squall nodes as real processes --------------------------------------

@@ -11,7 +11,7 @@ same publication again replaces it instead of adding a second one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -198,10 +198,30 @@ class _ClusterSearch:
     async def _ensure_index(self) -> None:
         await self._call("put_template", template_body(self._index))
         if not await self._call("exists", None):
-            await self._call("create", None)
+            try:
+                await self._call("create", None)
+            except SearchUnavailable as exc:
+                # Another node created it meanwhile.
+                if "resource_already_exists" not in str(exc):
+                    raise
+                self._ok = True
 
-    async def _call(self, what: str, body: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    async def _call(self, what: str, body: Any) -> Any:
+        """One client call by name, its failures as ``SearchUnavailable``."""
+        try:
+            response = await self._operations()[what](body)
+        except self._client_errors() as exc:
+            raise self._failed(exc) from exc
+        if what == "bulk":
+            self._ok = True
+        # The elasticsearch client wraps bodies; opensearch-py returns them.
+        return getattr(response, "body", response)
+
+    def _operations(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+        raise NotImplementedError  # pragma: no cover - each adapter has its own
+
+    def _client_errors(self) -> tuple[type[Exception], ...]:
+        raise NotImplementedError  # pragma: no cover
 
 
 class ElasticsearchSearch(_ClusterSearch):
@@ -220,43 +240,28 @@ class ElasticsearchSearch(_ClusterSearch):
             await self._client.close()
         self._ok = False
 
-    async def _call(self, what: str, body: Any) -> Any:
+    def _client_errors(self) -> tuple[type[Exception], ...]:
         from elastic_transport import TransportError
         from elasticsearch import ApiError
 
-        es = self._client
-        idx = self._index
-        try:
-            if what == "info":
-                return (await es.info()).body
-            if what == "put_template":
-                return await es.indices.put_index_template(name=idx, **body)
-            if what == "exists":
-                return bool(await es.indices.exists(index=idx))
-            if what == "create":
-                try:
-                    return await es.indices.create(index=idx)
-                except ApiError as exc:
-                    if "resource_already_exists" not in str(exc):
-                        raise
-                    return None
-            if what == "bulk":
-                result = (await es.bulk(operations=body)).body
-                self._ok = True
-                return result
-            if what == "search":
-                return (await es.search(index=idx, **body)).body
-            if what == "refresh":
-                return await es.indices.refresh(index=idx)
-            if what == "count":
-                return (await es.count(index=idx)).body
-            if what == "delete_by_query":
-                return await es.delete_by_query(index=idx, query=body["query"], refresh=True)
-            if what == "delete_index":
-                return await es.indices.delete(index=idx, ignore_unavailable=True)
-        except (ApiError, TransportError) as exc:
-            raise self._failed(exc) from exc
-        raise ValueError(what)
+        return (ApiError, TransportError)
+
+    def _operations(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+        es, idx = self._client, self._index
+        return {
+            "info": lambda _: es.info(),
+            "put_template": lambda body: es.indices.put_index_template(name=idx, **body),
+            "exists": lambda _: es.indices.exists(index=idx),
+            "create": lambda _: es.indices.create(index=idx),
+            "bulk": lambda lines: es.bulk(operations=lines),
+            "search": lambda body: es.search(index=idx, **body),
+            "refresh": lambda _: es.indices.refresh(index=idx),
+            "count": lambda _: es.count(index=idx),
+            "delete_by_query": lambda body: es.delete_by_query(
+                index=idx, query=body["query"], refresh=True
+            ),
+            "delete_index": lambda _: es.indices.delete(index=idx, ignore_unavailable=True),
+        }
 
 
 class OpenSearchSearch(_ClusterSearch):
@@ -275,40 +280,24 @@ class OpenSearchSearch(_ClusterSearch):
             await self._client.close()
         self._ok = False
 
-    async def _call(self, what: str, body: Any) -> Any:
-        from opensearchpy.exceptions import OpenSearchException, RequestError
+    def _client_errors(self) -> tuple[type[Exception], ...]:
+        from opensearchpy.exceptions import OpenSearchException
 
-        os_ = self._client
-        idx = self._index
-        try:
-            if what == "info":
-                return await os_.info()
-            if what == "put_template":
-                return await os_.indices.put_index_template(name=idx, body=body)
-            if what == "exists":
-                return bool(await os_.indices.exists(index=idx))
-            if what == "create":
-                try:
-                    return await os_.indices.create(index=idx)
-                except RequestError as exc:
-                    if "resource_already_exists" not in str(exc):
-                        raise
-                    return None
-            if what == "bulk":
-                payload = b"".join(orjson.dumps(line) + b"\n" for line in body)
-                result = await os_.bulk(body=payload)
-                self._ok = True
-                return result
-            if what == "search":
-                return await os_.search(index=idx, body=body)
-            if what == "refresh":
-                return await os_.indices.refresh(index=idx)
-            if what == "count":
-                return await os_.count(index=idx)
-            if what == "delete_by_query":
-                return await os_.delete_by_query(index=idx, body=body, refresh=True)
-            if what == "delete_index":
-                return await os_.indices.delete(index=idx, ignore_unavailable=True)
-        except OpenSearchException as exc:
-            raise self._failed(exc) from exc
-        raise ValueError(what)
+        return (OpenSearchException,)
+
+    def _operations(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+        os_, idx = self._client, self._index
+        return {
+            "info": lambda _: os_.info(),
+            "put_template": lambda body: os_.indices.put_index_template(name=idx, body=body),
+            "exists": lambda _: os_.indices.exists(index=idx),
+            "create": lambda _: os_.indices.create(index=idx),
+            "bulk": lambda lines: os_.bulk(
+                body=b"".join(orjson.dumps(line) + b"\n" for line in lines)
+            ),
+            "search": lambda body: os_.search(index=idx, body=body),
+            "refresh": lambda _: os_.indices.refresh(index=idx),
+            "count": lambda _: os_.count(index=idx),
+            "delete_by_query": lambda body: os_.delete_by_query(index=idx, body=body, refresh=True),
+            "delete_index": lambda _: os_.indices.delete(index=idx, ignore_unavailable=True),
+        }

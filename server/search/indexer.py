@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 
+from server.channels import namespace_name
 from server.config import NamespaceOptions
 from server.models import Publication
 from server.search import SearchDoc, SearchIndex, SearchUnavailable, make_doc
@@ -28,12 +29,13 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def docs_for(
-    pubs: list[Publication], namespace_of: Callable[[str], tuple[str, NamespaceOptions | None]]
+    pubs: list[Publication], namespaces: Mapping[str, NamespaceOptions]
 ) -> list[SearchDoc]:
     """Search documents for the publications of searchable namespaces."""
     docs = []
     for pub in pubs:
-        name, ns = namespace_of(pub.channel)
+        name = namespace_name(pub.channel)
+        ns = namespaces.get(name)
         if ns is not None and ns.searchable:
             docs.append(make_doc(pub, name, ns.search_fields))
     return docs
@@ -44,14 +46,14 @@ class Indexer:
         self,
         store: Store,
         index: SearchIndex,
-        namespace_of: Callable[[str], tuple[str, NamespaceOptions | None]],
+        namespaces: Mapping[str, NamespaceOptions],
         *,
         batch_size: int,
         interval: float,
     ) -> None:
         self.store = store
         self.index = index
-        self._namespace_of = namespace_of
+        self._namespaces = namespaces
         self._batch = batch_size
         self._interval = interval
         self._wake = asyncio.Event()
@@ -69,7 +71,7 @@ class Indexer:
         pubs = await self.store.pending_index(self._batch)
         if not pubs:
             return 0
-        await self.index.index(docs_for(pubs, self._namespace_of))
+        await self.index.index(docs_for(pubs, self._namespaces))
         await self.store.mark_indexed(pubs)
         self.indexed += len(pubs)
         self.last_success = time.time()
@@ -103,7 +105,7 @@ class Indexer:
                     timer.cancel()
 
     async def drain(self, timeout: float) -> int:
-        """Index everything pending now (tests, reindex); return how many."""
+        """Index everything pending now; return how many."""
         deadline = time.monotonic() + timeout
         total = 0
         while time.monotonic() < deadline:

@@ -17,11 +17,7 @@ from server.search.sqlite import SQLiteSearch
 from server.store.sqlite import SQLiteStore
 from tests.contract_store import pub
 
-SEARCHABLE = NamespaceOptions(persist=True, searchable=True)
-
-
-def namespace_of(channel: str) -> tuple[str, NamespaceOptions | None]:
-    return "log", SEARCHABLE
+NAMESPACES = {"log": NamespaceOptions(persist=True, searchable=True)}
 
 
 class Crash(Exception):
@@ -68,14 +64,14 @@ async def test_crash_between_index_and_mark_indexes_again_without_doubles(
 ) -> None:
     store, index = parts
     await store.append([pub("log:a", i, b'{"m": "hello"}') for i in range(1, 6)], searchable=True)
-    indexer = Indexer(store, index, namespace_of, batch_size=3, interval=0.01)
+    indexer = Indexer(store, index, NAMESPACES, batch_size=3, interval=0.01)
     store.crash_on_mark = True
     with pytest.raises(Crash):
         await indexer.step()
     assert await index.count() == 3  # indexed, but not marked
     # After the restart: the same batch comes again, then the rest.
     store.crash_on_mark = False
-    restarted = Indexer(store, index, namespace_of, batch_size=3, interval=0.01)
+    restarted = Indexer(store, index, NAMESPACES, batch_size=3, interval=0.01)
     assert await restarted.drain(10) == 5
     assert await index.count() == 5
     assert await hits(index) == [1, 2, 3, 4, 5]
@@ -87,7 +83,7 @@ async def test_an_index_outage_leaves_everything_pending(
 ) -> None:
     store, index = parts
     await store.append([pub("log:a", i, b'{"m": "hello"}') for i in range(1, 4)], searchable=True)
-    indexer = Indexer(store, index, namespace_of, batch_size=10, interval=0.01)
+    indexer = Indexer(store, index, NAMESPACES, batch_size=10, interval=0.01)
     index.down = True
     with pytest.raises(SearchUnavailable):
         await indexer.step()
