@@ -144,6 +144,8 @@ class _ClusterSearch:
 
     name = "cluster"
 
+    _client: Any  # the adapter's client, made in start()
+
     def __init__(self, url: str, *, index: str, timeout: float) -> None:
         self._url = url
         self._index = index
@@ -195,6 +197,11 @@ class _ClusterSearch:
         await self._ensure_index()
         self._ok = True
 
+    async def close(self) -> None:
+        if hasattr(self, "_client"):
+            await self._client.close()
+        self._ok = False
+
     async def _ensure_index(self) -> None:
         await self._call("put_template", template_body(self._index))
         if not await self._call("exists", None):
@@ -235,11 +242,6 @@ class ElasticsearchSearch(_ClusterSearch):
         )
         await super().start()
 
-    async def close(self) -> None:
-        if hasattr(self, "_client"):
-            await self._client.close()
-        self._ok = False
-
     def _client_errors(self) -> tuple[type[Exception], ...]:
         from elastic_transport import TransportError
         from elasticsearch import ApiError
@@ -274,11 +276,6 @@ class OpenSearchSearch(_ClusterSearch):
             self._url, timeout=self._timeout, max_retries=1, retry_on_timeout=False
         )
         await super().start()
-
-    async def close(self) -> None:
-        if hasattr(self, "_client"):
-            await self._client.close()
-        self._ok = False
 
     def _client_errors(self) -> tuple[type[Exception], ...]:
         from opensearchpy.exceptions import OpenSearchException
