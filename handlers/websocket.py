@@ -1,19 +1,40 @@
-"""WebSocket transport: ``/connection/websocket``. Frames go to the session;
-the session's batches come back as one text frame each."""
+"""WebSocket transport: ``/connection/websocket``.
+
+Tornado routes the request and answers the upgrade; then the socket moves to
+a plain asyncio protocol on the event loop (``WebSocketConnection``), which
+only moves bytes: framing rules live in ``server/wsframe.py``, everything
+else in the session. After the handshake a connection keeps no HTTP request,
+no IOStream and no task of its own, and a push costs one ``transport.write``
+of a frame that every subscriber of the channel shares.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import tornado.iostream
 import tornado.web
-import tornado.websocket
 
-from server.errors import Disconnect, SquallError
+from server import wsframe
+from server.errors import SHUTDOWN, Disconnect, SquallError
 from server.node import Node
 from server.session import Session
+
+log = logging.getLogger("squall.websocket")
+
+# How long a closing connection waits for the peer's close frame (and for its
+# last bytes to drain) before the TCP connection is cut.
+CLOSE_TIMEOUT = 5.0
+# Frames read ahead of the session before the socket stops being read: a
+# client that floods commands waits for its own, and nobody else's.
+MAX_INBOX = 16
 
 
 def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
@@ -26,77 +47,383 @@ def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
     return bool(host) and urlsplit(origin).netloc == (host or "").lower()
 
 
-class _Transport:
-    __slots__ = ("_handler",)
+class ConnectionClosing(ConnectionError):
+    """A write after the close frame went out."""
+
+
+class _FrameCache:
+    """The last frame built. The flusher writes the subscribers of a channel
+    one after another with the same queued messages, so they share one frame
+    (server frames are unmasked: the same bytes for everyone)."""
+
+    __slots__ = ("frame", "items")
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.frame = b""
+
+    def build(self, items: list[bytes]) -> bytes:
+        # List equality tests identity first: for the shared messages of a
+        # fan-out this is a few pointer compares.
+        if items == self.items:
+            return self.frame
+        payload = items[0] if len(items) == 1 else b"\n".join(items)
+        self.frame = wsframe.header(wsframe.OP_TEXT, len(payload)) + payload
+        self.items = items
+        return self.frame
+
+
+class WebSocketConnections:
+    """This process's upgraded connections. One timer pings them all (no
+    timer per connection); a peer that has not answered by ``ping_timeout``
+    is dropped."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        limits = node.settings.limits
+        self.max_message = limits.max_frame_bytes
+        self.ping_interval = limits.ping_interval
+        self.ping_timeout = limits.ping_timeout
+        self.frames = _FrameCache()
+        self._conns: dict[WebSocketConnection, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._empty = asyncio.Event()
+        node.add_closer(self.close_all)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def add(self, conn: WebSocketConnection) -> None:
+        self._conns[conn] = None
+        if self._timer is None and self.ping_interval:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.ping_interval, self._ping_round)
+
+    def discard(self, conn: WebSocketConnection) -> None:
+        self._conns.pop(conn, None)
+        if not self._conns:
+            self._empty.set()
+
+    async def close_all(self, grace: float = 1.0) -> None:
+        """Close every connection: a close frame (sessions already sent
+        theirs), up to ``grace`` seconds for the peers to answer, then cut."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for conn in list(self._conns):
+            conn.close(SHUTDOWN)
+        if not await self._all_closed(grace):
+            for conn in list(self._conns):
+                conn.abort()
+            await self._all_closed(grace)  # connection_lost comes on a later iteration
+
+    async def _all_closed(self, timeout: float) -> bool:
+        if self._conns:
+            self._empty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), timeout)
+        return not self._conns
+
+    def _ping_round(self) -> None:
+        self._timer = None
+        if not self._conns:
+            return  # the next connection starts the timer again
+        ping = wsframe.build(wsframe.OP_PING, b"")
+        for conn in self._conns:
+            conn.ping(ping)
+        loop = asyncio.get_running_loop()
+        if self.ping_timeout:
+            loop.call_later(self.ping_timeout, self._check_round)
+        self._timer = loop.call_later(self.ping_interval, self._ping_round)
+
+    def _check_round(self) -> None:
+        for conn in list(self._conns):
+            conn.check_alive()
+
+    async def adopt(self, stream: tornado.iostream.IOStream) -> None:
+        """Take the socket of an upgraded request from Tornado."""
+        try:
+            await stream.write(b"")  # resolves once the 101 reply is with the kernel
+        except tornado.iostream.StreamClosedError:
+            return
+        # Bytes read past the handshake (a client may not send any before the
+        # 101, but some do) go to the new protocol first.
+        leftover = bytes(stream._read_buffer)
+        sock = stream.socket
+        stream.io_loop.remove_handler(sock)
+        fd = sock.detach()
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+        conn = WebSocketConnection(self, leftover)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: conn, raw)
+        except OSError:
+            raw.close()
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One upgraded connection: the session's ``Transport``."""
+
+    __slots__ = (
+        "_closing",
+        "_drain",
+        "_heard",
+        "_inbox",
+        "_inbox_bytes",
+        "_leftover",
+        "_parser",
+        "_pinged",
+        "_reading_paused",
+        "_registry",
+        "_session_gone",
+        "_timer",
+        "_transport",
+        "_worker",
+        "_write_paused",
+        "session",
+    )
     kind = "websocket"
 
-    def __init__(self, handler: WebSocketHandler) -> None:
-        self._handler = handler
+    def __init__(self, registry: WebSocketConnections, leftover: bytes) -> None:
+        self._registry = registry
+        self._leftover = leftover
+        self._parser = wsframe.FrameParser(registry.max_message)
+        self._transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self._inbox: collections.deque[bytes] | None = None
+        self._inbox_bytes = 0
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closing = False
+        self._session_gone = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pinged = False
+        self._heard = False
+
+    # ---- asyncio protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they
+        # have its methods.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        # Paused as soon as the kernel leaves bytes behind: the session then
+        # queues (and coalesces) instead of piling frames up in the transport.
+        transport.set_write_buffer_limits(high=0)
+        self._registry.add(self)
+        try:
+            self.session = self._registry.node.new_session(self)
+        except SquallError as exc:
+            self._start_close(wsframe.CLOSE_TRY_AGAIN_LATER, exc.message)
+            return
+        leftover, self._leftover = self._leftover, b""
+        if leftover:
+            self.data_received(leftover)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = True
+        try:
+            items = self._parser.feed(data)
+        except wsframe.FrameError as exc:
+            log.debug("bad frame: %s", exc)
+            self._session_closed()
+            self._start_close(exc.code, exc.reason)
+            return
+        for opcode, payload in items:
+            if opcode <= wsframe.OP_BINARY:
+                if not self._closing:
+                    self._on_message(payload)
+            elif opcode == wsframe.OP_PING:
+                if not self._closing and self._transport is not None:
+                    self._transport.write(wsframe.build(wsframe.OP_PONG, payload))
+            elif opcode == wsframe.OP_CLOSE:
+                self._on_close_frame(payload)
+                return
+            # A pong needs nothing more: hearing from the peer is enough.
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._registry.discard(self)
+        if self._inbox is not None:
+            self._inbox.clear()
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionClosing("connection lost"))
+            drain.exception()  # retrieved: the session learns of it in its callback
+        self._session_closed()
+        self._transport = None
+
+    # ---- the session's Transport ------------------------------------------
 
     def send(self, items: list[bytes]) -> Awaitable[None] | None:
-        frame = items[0] if len(items) == 1 else b"\n".join(items)
-        conn = self._handler.ws_connection
-        if conn is None or conn.is_closing():
-            raise tornado.websocket.WebSocketClosedError()
-        # The text frame straight to the stream: write_message would wrap
-        # every write in a new Task. The stream's future is already done when
-        # the kernel took all the bytes, so a client that keeps up costs no
-        # callback at all; one that does not is waited for (and bounded by
-        # the session's send queue).
-        try:
-            written = conn._write_frame(True, 0x1, frame)  # type: ignore[attr-defined]
-        except tornado.iostream.StreamClosedError:
-            raise tornado.websocket.WebSocketClosedError() from None
-        if written.done() and written.exception() is None:
+        transport = self._transport
+        if self._closing or transport is None:
+            raise ConnectionClosing("connection is closing")
+        transport.write(self._registry.frames.build(items))
+        if not self._write_paused:
             return None
-        return written  # type: ignore[no-any-return]
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+        return self._drain
 
     def close(self, disconnect: Disconnect) -> None:
-        self._handler.close(disconnect.code, disconnect.reason)
+        self._start_close(disconnect.code, disconnect.reason)
+
+    # ---- keepalive --------------------------------------------------------
+
+    def ping(self, frame: bytes) -> None:
+        if self._closing or self._transport is None:
+            return
+        self._pinged = True
+        self._heard = False
+        self._transport.write(frame)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def check_alive(self) -> None:
+        if self._pinged and not self._heard and self._transport is not None:
+            log.debug("no answer to a ping: dropping the connection")
+            self._transport.abort()
+
+    # ---- inside -----------------------------------------------------------
+
+    def _on_message(self, payload: bytes) -> None:
+        if self.session is None:
+            return
+        if self._inbox is None:
+            self._inbox = collections.deque()
+        self._inbox.append(payload)
+        self._inbox_bytes += len(payload)
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        elif not self._reading_paused and (
+            len(self._inbox) >= MAX_INBOX or self._inbox_bytes > 2 * self._registry.max_message
+        ):
+            self._reading_paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    async def _work(self) -> None:
+        # Commands of one connection are handled in order, one at a time. The
+        # task ends when the inbox is empty: an idle connection holds none.
+        session = self.session
+        inbox = self._inbox
+        assert session is not None and inbox is not None
+        try:
+            while inbox:
+                payload = inbox.popleft()
+                self._inbox_bytes -= len(payload)
+                if self._reading_paused and len(inbox) < MAX_INBOX // 2:
+                    self._reading_paused = False
+                    if self._transport is not None and not self._closing:
+                        self._transport.resume_reading()
+                await session.handle_frame(payload)
+        finally:
+            self._worker = None
+            if not inbox:
+                self._inbox = None
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        code: int | None
+        try:
+            code, _ = wsframe.parse_close(payload)
+        except wsframe.FrameError as exc:
+            code = exc.code
+        self._session_closed()
+        if not self._closing:
+            # The peer closes: answer with its code, as the RFC asks.
+            self._start_close(wsframe.CLOSE_NORMAL if code is None else code, "")
+        if self._transport is not None:
+            self._transport.close()
+
+    def _start_close(self, code: int, reason: str) -> None:
+        """Send a close frame, then wait (a bounded time) for the peer's."""
+        if self._closing:
+            return
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(wsframe.close_frame(code, reason))
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def _session_closed(self) -> None:
+        if self._session_gone:
+            return
+        self._session_gone = True
+        if self.session is not None:
+            self.session.transport_closed()
 
 
-class WebSocketHandler(tornado.websocket.WebSocketHandler):
+class WebSocketHandler(tornado.web.RequestHandler):
+    """The upgrade: the checks and answers of RFC 6455, section 4.2, then
+    the socket goes to ``WebSocketConnections``."""
+
     node: Node
-    session: Session | None
+    connections: WebSocketConnections
 
-    def initialize(self, node: Node) -> None:
+    def initialize(self, node: Node, connections: WebSocketConnections) -> None:
         self.node = node
-        self.session = None
+        self.connections = connections
 
-    def check_origin(self, origin: str) -> bool:
-        return origin_allowed(
-            origin, self.request.headers.get("Host"), self.node.settings.server.allowed_origins
-        )
+    def _refuse(self, status: int, code: int, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish({"error": {"code": code, "message": message}})
 
-    def get_compression_options(self) -> dict[str, Any] | None:
-        return None
+    def _accept_key(self) -> str:
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Upgrade: websocket'")
+        tokens = [t.strip().lower() for t in headers.get("Connection", "").split(",")]
+        if "upgrade" not in tokens:
+            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
+        origin = headers.get("Origin")
+        if origin is not None and not origin_allowed(
+            origin, headers.get("Host"), self.node.settings.server.allowed_origins
+        ):
+            raise wsframe.HandshakeError(403, "origin not allowed")
+        if headers.get("Sec-WebSocket-Version") != "13":
+            self.set_header("Sec-WebSocket-Version", "13")
+            raise wsframe.HandshakeError(426, "Sec-WebSocket-Version must be 13")
+        return wsframe.accept_key(headers.get("Sec-WebSocket-Key", ""))
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            accept = self._accept_key()
+        except wsframe.HandshakeError as exc:
+            self._refuse(exc.status, 107, exc.reason)
+            return
         if (
             self.node.draining
             or len(self.node.sessions) >= self.node.settings.limits.max_connections
         ):
             self.node.metrics.connections_refused += 1
-            self.set_status(503)
-            self.set_header("Content-Type", "application/json")
             reason = "shutting down" if self.node.draining else "connection limit reached"
-            self.finish({"error": {"code": 114, "message": f"service unavailable: {reason}"}})
+            self._refuse(503, 114, f"service unavailable: {reason}")
             return
-        await super().get(*args, **kwargs)
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        try:
-            self.session = self.node.new_session(_Transport(self))
-        except SquallError as exc:
-            self.close(1013, exc.message)
-
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        if self.session is None:
-            return None
-        # Tornado waits for this before reading the next frame: commands of
-        # one connection are handled in order, and a flood waits its turn.
-        return self.session.handle_frame(message)
-
-    def on_close(self) -> None:
-        if self.session is not None:
-            self.session.transport_closed()
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Connection", "Upgrade")
+        self.set_header("Sec-WebSocket-Accept", accept)
+        self.finish()
+        await self.connections.adopt(self.detach())

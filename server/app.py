@@ -20,7 +20,7 @@ from handlers.pages import (
 )
 from handlers.sse import SSEHandler
 from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
-from handlers.websocket import WebSocketHandler
+from handlers.websocket import WebSocketConnections, WebSocketHandler
 from server.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +47,11 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(node: Node) -> tornado.web.Application:
-    limits = node.settings.limits
     args = {"node": node}
+    ws_args = {"node": node, "connections": WebSocketConnections(node)}
     return tornado.web.Application(
         [
-            (r"/connection/websocket", WebSocketHandler, args),
+            (r"/connection/websocket", WebSocketHandler, ws_args),
             (r"/connection/sse", SSEHandler, args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),
@@ -73,9 +73,6 @@ def make_app(node: Node) -> tornado.web.Application:
         template_path=str(ROOT / "templates"),
         static_path=str(ROOT / "static"),
         log_function=log_request,
-        websocket_ping_interval=limits.ping_interval or None,
-        websocket_ping_timeout=limits.ping_timeout or None,
-        websocket_max_message_size=limits.max_frame_bytes,
         compress_response=False,
     )
 

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,8 @@ class Node:
         self._durable: dict[str, StreamPosition] = {}
         self._running = False
         self._closed = False
+        # Transports that own sockets outside Tornado close them here.
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self._status: tuple[float, bytes] | None = None
         self._all_gone = asyncio.Event()
 
@@ -189,12 +191,18 @@ class Node:
         self._running = False
         for session in list(self.sessions.values()):
             session.disconnect(errors.SHUTDOWN)
+        for closer in self._closers:
+            await closer()
         await self.metrics.stop()
         await self._tasks.cancel_all()
         await self.broker.close()
         if self.search is not None:
             await self.search.close()
         await self.store.close()
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` in ``close``, after every session was told to go."""
+        self._closers.append(closer)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background step; its failure is logged, never lost."""
