@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps services clean bench bench-idle
+.PHONY: run test lint system-deps services clean bench bench-idle bench-fanout bench-workers bench-http bench-storm bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -46,10 +46,35 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# Fan-out benchmark against peers (raw asyncio ceiling, plain Tornado); writes bench/results/.
-bench: $(STAMP)
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+# Benchmarks (bench/README.md): every scenario against its peers, written to
+# bench/results/ (JSON, markdown tables, PNG plots). One target per scenario;
+# `make bench` runs them all (about 45 minutes on 2 cores).
+BENCH_STAMP := bench/node/node_modules/.installed
+$(BENCH_STAMP): bench/node/package.json bench/node/package-lock.json
+	cd bench/node && npm ci --no-audit --no-fund --silent
+	@touch $(BENCH_STAMP)
 
-# Memory per idle subscribed connection, against the same peers; writes bench/results/idle.md.
-bench-idle: $(STAMP)
-	$(BIN)/python -m bench.idle $(BENCH_ARGS)
+bench-deps: $(STAMP) $(BENCH_STAMP)
+	@scripts/install-system-deps.sh bench
+	$(BIN)/pip install --quiet -e '.[bench]'
+
+bench: bench-fanout bench-idle bench-workers bench-http bench-storm
+
+bench-fanout: bench-deps
+	$(BIN)/python -m bench.run --name fanout-burst --subscribers 100,1000 --publications 1000 $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-10k --subscribers 10000 --publications 100 --reps 1 $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-rate --subscribers 1000 --publications 100 --rate 10 $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-bursts --subscribers 1000 --publications 500 --rate 100 --burst 10 $(BENCH_ARGS)
+
+bench-idle: bench-deps
+	$(BIN)/python -m bench.idle --connections 1000,5000 $(BENCH_ARGS)
+	$(BIN)/python -m bench.idle --name idle-50k --connections 50000 --reps 1 --peers raw_asyncio,squall $(BENCH_ARGS)
+
+bench-workers: bench-deps
+	$(BIN)/python -m bench.run --name workers --peers squall,squall_redis,squall_2workers --subscribers 1000 --publications 1000 $(BENCH_ARGS)
+
+bench-http: bench-deps
+	$(BIN)/python -m bench.http $(BENCH_ARGS)
+
+bench-storm: bench-deps
+	$(BIN)/python -m bench.storm $(BENCH_ARGS)

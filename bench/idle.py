@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.run import free_port, hello, start_peer, write_results
+from bench.run import PEERS, free_port, hello, raise_fd_limit, start_peer, stop_peer, write_results
 from bench.wsproto import OFFSET, SEQ, Subscriber
 
 
@@ -60,15 +58,20 @@ async def open_subscribed(peer: str, port: int, count: int, first: int) -> list[
         if left[0] == 0:
             done.set()
 
-    seq = OFFSET if peer == "squall" else SEQ
+    seq = OFFSET if peer.startswith("squall") else SEQ
     subs: list[Subscriber] = []
 
     def make(i: int) -> Subscriber:
-        path = "/connection/websocket"
-        return Subscriber(path, host, hello(peer, f"u{i}"), seq, None, one_ready)
+        path = PEERS[peer].path
+        return Subscriber(path, host, hello(peer, f"u{i}"), seq, None, one_ready,
+                          bool(PEERS[peer].hello))  # fmt: skip
 
     for i in range(first, first + count):
-        _, proto = await loop.create_connection(lambda i=i: make(i), "127.0.0.1", port)
+        # One source address has ~28,000 ephemeral ports: past that, connect
+        # from further loopback addresses (127.0.0.2, ...; still this machine).
+        source = (f"127.0.0.{2 + i // 20000}", 0)
+        _, proto = await loop.create_connection(lambda i=i: make(i), "127.0.0.1", port,
+                                                local_addr=source)  # fmt: skip
         subs.append(proto)
         if i % 200 == 0:
             await asyncio.sleep(0)  # let handshakes progress
@@ -106,12 +109,7 @@ async def one_run(peer: str, connections: int) -> IdleResult:
             return IdleResult(peer, connections, before, after,
                               round((after - before) / connections, 2), round(took, 2))  # fmt: skip
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_peer(proc)
 
 
 def summarize(results: list[IdleResult]) -> str:
@@ -141,13 +139,11 @@ def main() -> None:
     parser.add_argument("--peers", default="raw_asyncio,plain_tornado,squall")
     parser.add_argument("--connections", default="1000,5000")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--name", default="idle", help="results file: bench/results/<name>.md")
     args = parser.parse_args()
     counts = [int(x) for x in args.connections.split(",")]
     # Each connection is a socket here and in the server (which inherits it).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(counts) * 2 + 1000)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    raise_fd_limit(max(counts) * 2 + 1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     results: list[IdleResult] = []
@@ -163,7 +159,7 @@ def main() -> None:
                 results.append(r)
     table = summarize(results)
     title = "Memory per idle subscribed connection"
-    print(write_results("idle", title, vars(args), results, table))
+    print(write_results(args.name, title, vars(args), results, table))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ from bench.wsproto import OFFSET, SEQ, Subscriber, frame
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SECRET = "bench-secret-0123456789abcdef-0123456789"
+API_KEY = "bench-api-key-0123456789"
+PROFILE = ""  # set by --profile NAME: Squall runs under py-spy
 
 SQUALL_CONFIG = """
 [limits]
@@ -64,6 +68,22 @@ class Result:
     lost: int
     duplicated: int
     client_bound: bool
+    frames_per_delivery: float = 1.0  # < 1: several publications shared a frame
+    burst: int = 1
+    scenario: str = "fanout"
+
+
+def raise_fd_limit(want: int) -> None:
+    """Room for ``want`` sockets here and in the servers (they inherit it):
+    the hard limit too where we may (root), else up to it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+        print(f"warning: open files limited to {hard}; fewer connections may be possible")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,23 +99,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_peer(peer: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True)
+class Peer:
+    """How to start a peer and speak to it over WebSocket."""
+
+    cmd: tuple[str, ...]  # "{port}" is replaced
+    path: str = "/connection/websocket"
+    sub: tuple[bytes, ...] = (b"sub",)  # what a subscriber sends after the handshake
+    hello: tuple[bytes, ...] = ()  # what the publisher sends first
+    wrap: tuple[bytes, bytes] = (b"", b"")  # around a publication's JSON
+
+
+_SOCKETIO = dict(path="/socket.io/?EIO=4&transport=websocket", sub=(b"40", b'42["sub"]'),
+                 hello=(b"40",), wrap=(b'42["pub",', b"]"))  # fmt: skip
+PEERS: dict[str, Peer] = {
+    "raw_asyncio": Peer((sys.executable, "bench/peers/raw_asyncio.py", "{port}")),
+    "plain_tornado": Peer((sys.executable, "bench/peers/plain_tornado.py", "{port}")),
+    "python_socketio": Peer((sys.executable, "bench/peers/python_socketio.py", "{port}"),
+                            **_SOCKETIO),  # type: ignore[arg-type]  # fmt: skip
+    "node_ws": Peer(("node", "bench/node/node_ws.mjs", "{port}")),
+    "node_socketio": Peer(("node", "bench/node/node_socketio.mjs", "{port}"),
+                          **_SOCKETIO),  # type: ignore[arg-type]  # fmt: skip
+    "squall": Peer((sys.executable, "-m", "server", "serve", "--port", "{port}")),
+}
+# Squall on Redis: one process, and two workers (CPU counts every Squall
+# process and the Redis server).
+PEERS["squall_redis"] = PEERS["squall_2workers"] = PEERS["squall"]
+DEFAULT_PEERS = "raw_asyncio,plain_tornado,python_socketio,node_ws,node_socketio,squall"
+
+
+def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None,
+               args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:  # fmt: skip
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if peer == "squall":
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    cmd = [c.replace("{port}", str(port)) for c in PEERS[peer].cmd] + list(args)
+    if peer.startswith("squall"):
         config = workdir / "bench.toml"
         config.write_text(SQUALL_CONFIG)
-        env.update(SQUALL_TOKEN_SECRET=SECRET, SQUALL_API_KEY="bench-api-key-0123456789",
-                   SQUALL_LOG_LEVEL="warning")  # fmt: skip
-        cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--config",
-               str(config), "--data-dir", str(workdir / "data")]  # fmt: skip
-    else:
-        cmd = [sys.executable, str(ROOT / "bench" / "peers" / f"{peer}.py"), str(port)]
+        env.update(SQUALL_TOKEN_SECRET=SECRET, SQUALL_API_KEY=API_KEY, SQUALL_LOG_LEVEL="warning")
+        cmd += ["--config", str(config), "--data-dir", str(workdir / "data")]
+        if "--workers" in args:
+            pin = []  # one worker per core
+        if PROFILE:
+            # Flame graph of the server's own hot path (py-spy samples it from
+            # outside; the CPU figures of a profiled run are not comparable).
+            out = RESULTS / f"flame-{PROFILE}.svg"
+            cmd = ["py-spy", "record", "--nonblocking", "-r", "250", "-o", str(out), "--", *cmd]
     proc = subprocess.Popen([*pin, *cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     import socket
 
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{peer} exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc
@@ -104,46 +160,99 @@ def start_peer(peer: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"{peer} did not start")
 
 
-def hello(peer: str, user: str) -> list[bytes]:
-    if peer != "squall":
-        return [b"sub"]
+def stop_peer(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def squall_token(user: str) -> str:
     from server.auth import mint_token
     from server.config import AuthSettings
 
-    token = mint_token(AuthSettings(token_secret=SECRET), sub=user, ttl=3600)
+    return mint_token(AuthSettings(token_secret=SECRET), sub=user, ttl=3600)
+
+
+def hello(peer: str, user: str, channel: str = "bench:fanout") -> list[bytes]:
+    """What a subscriber sends once the handshake is done."""
+    if not peer.startswith("squall"):
+        return list(PEERS[peer].sub)
     return [
-        json.dumps({"id": 1, "method": "connect", "params": {"token": token}}).encode(),
-        b'{"id":2,"method":"subscribe","params":{"channel":"bench:fanout"}}',
+        json.dumps({"id": 1, "method": "connect", "params": {"token": squall_token(user)}}).encode(),
+        b'{"id":2,"method":"subscribe","params":{"channel":"%s"}}' % channel.encode(),
     ]
 
 
-def message(peer: str, n: int, pad: str) -> bytes:
+def publisher_hello(peer: str) -> list[bytes]:
+    if not peer.startswith("squall"):
+        return list(PEERS[peer].hello)
+    return hello(peer, "publisher")[:1]
+
+
+def message(peer: str, n: int, pad: str, channel: str = "bench:fanout") -> bytes:
     data = {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
-    if peer == "squall":
-        body = {"id": n + 10, "method": "publish", "params": {"channel": "bench:fanout", "data": data}}
+    if peer.startswith("squall"):
+        body = {"id": n + 10, "method": "publish", "params": {"channel": channel, "data": data}}
         return json.dumps(body, separators=(",", ":")).encode()
-    return json.dumps(data, separators=(",", ":")).encode()
+    before, after = PEERS[peer].wrap
+    return before + json.dumps(data, separators=(",", ":")).encode() + after
 
 
-async def one_run(peer: str, subscribers: int, publications: int, rate: float, size: int) -> Result:
+async def one_run(peer: str, subscribers: int, publications: int, rate: float, size: int,
+                  burst: int = 1, scenario: str = "fanout") -> Result:  # fmt: skip
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc = start_peer(peer, port, Path(tmp))
+        env: dict[str, str] = {}
+        args: tuple[str, ...] = ()
+        redis = None
+        if peer in ("squall_redis", "squall_2workers"):
+            from tests.services import RedisServer
+
+            redis = RedisServer().start()
+            env["SQUALL_BROKER_URL"] = redis.url
+            if peer == "squall_2workers":
+                args = ("--workers", "2")
         try:
-            return await _measure(loop, peer, port, proc.pid, subscribers, publications, rate, size)
-        finally:
-            proc.terminate()
+            proc = start_peer(peer, port, Path(tmp), env, args)
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                extra = [redis.proc.pid] if redis is not None and redis.proc else []
+
+                def pids() -> list[int]:
+                    return [proc.pid, *descendants(proc.pid), *extra]
+
+                return await _measure(loop, peer, port, pids, subscribers, publications, rate,
+                                      size, burst, scenario)  # fmt: skip
+            finally:
+                stop_peer(proc)
+        finally:
+            if redis is not None:
+                redis.stop()
 
 
-async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int, pid: int,
-                   subscribers: int, publications: int, rate: float, size: int) -> Result:  # fmt: skip
-    host = f"127.0.0.1:{port}"
+def descendants(pid: int) -> list[int]:
+    """Child processes (a supervisor's workers), from /proc."""
+    out: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for child in children:
+        out += [int(child), *descendants(int(child))]
+    return out
+
+
+async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
+                   pids: Callable[[], list[int]], subscribers: int, publications: int,
+                   rate: float, size: int, burst: int, scenario: str) -> Result:  # fmt: skip
+    """Subscribe, warm up, publish, count; CPU of every process ``pids()``
+    names (read when the measurement starts)."""
+    ports = [port]
+    path = PEERS[peer].path
+    stepwise = bool(PEERS[peer].hello)
     ready = asyncio.Event()
     waiting = [subscribers]
 
@@ -153,58 +262,77 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int, pid: i
             ready.set()
 
     latencies: list[float] = []
-    seq = OFFSET if peer == "squall" else SEQ
+    seq = OFFSET if peer.startswith("squall") else SEQ
     subs: list[Subscriber] = []
+    # Latency from up to 100 subscribers spread over the set (it costs the
+    # generator a clock read per line).
+    every = max(1, subscribers // 100)
     for i in range(subscribers):
-        lat = latencies if i == 0 else None
+        lat = latencies if i % every == 0 else None
+        p = ports[i % len(ports)]
         _, protocol = await loop.create_connection(
-            lambda i=i, lat=lat: Subscriber("/connection/websocket", host, hello(peer, f"u{i}"),
-                                            seq, lat, one_ready),  # fmt: skip
-            "127.0.0.1", port,
+            lambda i=i, lat=lat, p=p: Subscriber(path, f"127.0.0.1:{p}", hello(peer, f"u{i}"),
+                                                 seq, lat, one_ready, stepwise),  # fmt: skip
+            "127.0.0.1", p,
         )
         subs.append(protocol)
-    await asyncio.wait_for(ready.wait(), 60)
+        if i % 500 == 499:
+            await asyncio.sleep(0)  # let handshakes progress
+    await asyncio.wait_for(ready.wait(), 60 + subscribers / 200)
     pub_ready = asyncio.Event()
     _, publisher = await loop.create_connection(
-        lambda: Subscriber("/connection/websocket", host, hello(peer, "publisher")[:1], SEQ, None,
-                           pub_ready.set),  # fmt: skip
+        lambda: Subscriber(path, f"127.0.0.1:{port}", publisher_hello(peer), SEQ, None,
+                           pub_ready.set, stepwise),  # fmt: skip
         "127.0.0.1", port,
     )
     await asyncio.wait_for(pub_ready.wait(), 10)
     assert publisher.transport is not None
-    # Warm up: Squall counts what arrives (its pushes carry offsets), so wait
-    # until every subscriber heard something; the simple peers need a moment.
-    for _ in range(5):
-        publisher.transport.write(frame(message(peer, 0, "")))
-    for _ in range(200):
+    if PEERS[peer].hello:
+        # socket.io drops events sent before the namespace connect is
+        # acknowledged: wait for the open packet and the "40" reply.
+        for _ in range(200):
+            if publisher.texts >= 2:
+                break
+            await asyncio.sleep(0.05)
+    # Warm up until every subscriber heard something (Squall's warm-ups carry
+    # offsets and count as publications; the peers' are marked "w"), again
+    # every half second: a subscriber may still be joining its room.
+    for i in range(400):
+        if i % 10 == 0:
+            publisher.transport.write(frame(message(peer, 0, "")))
         await asyncio.sleep(0.05)
-        if peer != "squall" or all(s.count for s in subs):
+        if all(s.count or s.warm for s in subs):
             break
+    else:
+        raise RuntimeError(f"{peer}: warm-up never reached every subscriber")
     await asyncio.sleep(0.3)
     for s in subs:
         # Measured publications continue from the last offset seen (Squall
         # numbers the warm-ups too); the simple peers count from 1.
-        s.count = s.lost = s.dup = 0
+        s.count = s.lost = s.dup = s.frames = 0
     latencies.clear()
     pad = "x" * size
-    cpu0 = cpu_seconds(pid)
+    measured = pids()
+    cpu0 = sum(cpu_seconds(pid) for pid in measured)
     own0 = sum(os.times()[:2])
     t0 = time.perf_counter()
-    interval = 1.0 / rate if rate else 0.0
+    # At a rate, publications go out ``burst`` at a time, ``rate`` per second
+    # on average; with no rate, as fast as the socket takes them.
+    interval = burst / rate if rate else 0.0
     for n in range(1, publications + 1):
         publisher.transport.write(frame(message(peer, n, pad)))
-        if interval:
-            delay = t0 + n * interval - time.perf_counter()
+        if interval and n % burst == 0:
+            delay = t0 + (n // burst) * interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-        elif n % 50 == 0:
+        elif not interval and n % 50 == 0:
             await asyncio.sleep(0)
     expected = publications * subscribers
     deadline = time.perf_counter() + 60
     while sum(s.count for s in subs) < expected and time.perf_counter() < deadline:
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = sum(cpu_seconds(pid) for pid in measured) - cpu0
     own = sum(os.times()[:2]) - own0
     delivered = sum(s.count for s in subs)
     lost = sum(max(0, publications - (s.count - s.dup)) for s in subs)
@@ -223,55 +351,102 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int, pid: i
         cpu_us_per_delivery=round(cpu * 1e6 / max(delivered, 1), 3),
         p50_ms=pct(0.5), p99_ms=pct(0.99), p999_ms=pct(0.999),
         lost=lost, duplicated=sum(s.dup for s in subs), client_bound=own > 0.9 * elapsed,
+        frames_per_delivery=round(sum(s.frames for s in subs) / max(delivered, 1), 3),
+        burst=burst, scenario=scenario,
     )  # fmt: skip
 
 
 def summarize(results: list[Result]) -> str:
-    groups: dict[tuple[str, int, float], list[Result]] = {}
+    Key = tuple[str, int, float, int]  # scenario, subscribers, rate, burst
+    groups: dict[tuple[Key, str], list[Result]] = {}
     for r in results:
-        groups.setdefault((r.peer, r.subscribers, r.rate), []).append(r)
-    raw: dict[tuple[int, float], float] = {}
-    for (peer, n, rate), rs in groups.items():
-        if peer == "raw_asyncio":
-            raw[(n, rate)] = statistics.median(x.cpu_us_per_delivery for x in rs)
+        groups.setdefault(((r.scenario, r.subscribers, r.rate, r.burst), r.peer), []).append(r)
+    raw = {key: statistics.median(x.cpu_us_per_delivery for x in rs)
+           for (key, peer), rs in groups.items() if peer == "raw_asyncio"}  # fmt: skip
     lines = [
-        "| peer | subscribers | rate | deliveries/s (median, range) | CPU µs/delivery | × raw | p50 ms | p99 ms | lost | dup | client-bound |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | subscribers | rate | burst | peer | deliveries/s (median, range) "
+        "| CPU µs/delivery (median, range) | × raw | frames/delivery | p50 ms | p99 ms | p99.9 ms "
+        "| lost | dup | client-bound |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | --- |",
     ]
-    for (peer, n, rate), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+    for (key, peer), rs in sorted(groups.items()):
+        scenario, n, rate, burst = key
         dps = [x.deliveries_per_s for x in rs]
-        cpu = statistics.median(x.cpu_us_per_delivery for x in rs)
-        ratio = f"{cpu / raw[(n, rate)]:.2f}" if raw.get((n, rate)) else "–"
+        cpus = [x.cpu_us_per_delivery for x in rs]
+        cpu = statistics.median(cpus)
+        ratio = f"{cpu / raw[key]:.2f}" if raw.get(key) else "–"
+
+        def med(f: str, rs: list[Result] = rs) -> float:
+            return float(statistics.median(getattr(x, f) for x in rs))
+
         lines.append(
-            f"| {peer} | {n} | {rate or 'max'} | {statistics.median(dps):,.0f} ({min(dps):,.0f}–{max(dps):,.0f}) "
-            f"| {cpu:.2f} | {ratio} | {statistics.median(x.p50_ms for x in rs):.2f} "
-            f"| {statistics.median(x.p99_ms for x in rs):.2f} | {sum(x.lost for x in rs)} "
-            f"| {sum(x.duplicated for x in rs)} | {any(x.client_bound for x in rs)} |"
+            f"| {scenario} | {n:,} | {rate or 'max'} | {burst} | {peer} "
+            f"| {statistics.median(dps):,.0f} ({min(dps):,.0f}–{max(dps):,.0f}) "
+            f"| {cpu:.2f} ({min(cpus):.2f}–{max(cpus):.2f}) | {ratio} "
+            f"| {med('frames_per_delivery'):.3f} | {med('p50_ms'):.1f} | {med('p99_ms'):.1f} "
+            f"| {med('p999_ms'):.1f} | {sum(x.lost for x in rs)} | {sum(x.duplicated for x in rs)} "
+            f"| {sum(x.client_bound for x in rs)}/{len(rs)} |"
         )
     return "\n".join(lines)
 
 
+def versions() -> dict[str, str]:
+    """What ran: Python packages and Node libraries of every peer."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("tornado", "uvloop", "orjson", "python-socketio", "python-engineio", "redis"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    try:
+        out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                     timeout=10).stdout.strip()  # fmt: skip
+    except OSError:
+        out["node"] = "missing"
+    for lib in ("ws", "socket.io"):
+        pkg = ROOT / "bench" / "node" / "node_modules" / lib / "package.json"
+        out[f"node {lib}"] = json.loads(pkg.read_text())["version"] if pkg.exists() else "missing"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", default="raw_asyncio,plain_tornado,squall")
+    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"of: {', '.join(PEERS)}")
     parser.add_argument("--subscribers", default="100,1000")
     parser.add_argument("--publications", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=0, help="publications/s; 0: as fast as accepted")
+    parser.add_argument("--burst", type=int, default=1, help="at a rate: publications sent back to back")
     parser.add_argument("--size", type=int, default=100, help="padding bytes per publication")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scenario", default="", help="name in the results (default: from rate)")
+    parser.add_argument("--name", default="fanout", help="results file: bench/results/<name>.md")
+    parser.add_argument("--profile", default="", help="run Squall under py-spy: flame-NAME.svg")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    peers = args.peers.split(",")
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"unknown peers {unknown}; known: {', '.join(PEERS)}")
+    scenario = args.scenario or ("burst" if not args.rate else f"rate{args.burst}")
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     results: list[Result] = []
     for n in [int(x) for x in args.subscribers.split(",")]:
         for rep in range(args.reps):
-            for peer in args.peers.split(","):
-                r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size))
-                print(f"{peer:14} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
-                      f"{r.cpu_us_per_delivery:7.2f} µs/delivery lost={r.lost} dup={r.duplicated}"
+            for peer in peers:
+                r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size,
+                                       args.burst, scenario))  # fmt: skip
+                print(f"{peer:16} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
+                      f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
+                      f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} dup={r.duplicated}"
                       f"{' CLIENT-BOUND' if r.client_bound else ''}", flush=True)  # fmt: skip
                 results.append(r)
-    print(write_results("fanout", "Fan-out, one channel", vars(args), results, summarize(results)))
+    print(write_results(args.name, f"Fan-out ({scenario})", vars(args), results,
+                        summarize(results)))  # fmt: skip
 
 
 def write_results(kind: str, title: str, args: dict[str, Any], results: list[Any],
@@ -280,13 +455,23 @@ def write_results(kind: str, title: str, args: dict[str, Any], results: list[Any
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta: dict[str, Any] = {
-        "time": stamp, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "args": args,
+        "time": stamp, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "kernel": platform.release(), "versions": versions(), "args": args,
     }  # fmt: skip
+    rows = [asdict(r) for r in results]
     (RESULTS / f"{kind}-{stamp}.json").write_text(
-        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
+        json.dumps({"meta": meta, "results": rows}, indent=2)
     )
-    (RESULTS / f"{kind}.md").write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{table}\n")
+    plots = ""
+    try:
+        from bench.plot import plot
+
+        plots = "\n".join(f"![{p.stem}]({p.name})" for p in plot(kind, title, rows))
+    except ImportError:
+        plots = "(no plots: pip install matplotlib)"
+    (RESULTS / f"{kind}.md").write_text(
+        f"# {title}\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n\n{plots}\n"
+    )
     return table
 
 

@@ -36,13 +36,20 @@ class Subscriber(asyncio.Protocol):
     records latency when asked."""
 
     def __init__(self, path: str, host: str, hello: list[bytes], seq: re.Pattern[bytes],
-                 latencies: list[float] | None, ready: Callable[[], None]) -> None:  # fmt: skip
-        self.path, self.host, self.hello, self.seq = path, host, hello, seq
+                 latencies: list[float] | None, ready: Callable[[], None],
+                 stepwise: bool = False) -> None:  # fmt: skip
+        self.path, self.host, self.hello, self.seq = path, host, list(hello), seq
+        # Stepwise (socket.io): each hello message waits for the server's
+        # next frame (the open packet, then the namespace connect reply).
+        self.stepwise = stepwise
         self.latencies = latencies
         self.ready = ready
         self.buf = b""
         self.handshaken = False
-        self.count = 0
+        self.count = 0  # publications (lines with a sequence number)
+        self.frames = 0  # text frames that carried at least one publication
+        self.warm = 0  # warm-up messages seen
+        self.texts = 0  # text frames of any kind
         self.last = 0
         self.lost = 0
         self.dup = 0
@@ -66,9 +73,11 @@ class Subscriber(asyncio.Protocol):
             self.buf = self.buf[end + 4 :]
             self.handshaken = True
             assert self.transport is not None
-            for message in self.hello:
-                self.transport.write(frame(message))
-            self.ready()
+            if not self.stepwise:
+                for message in self.hello:
+                    self.transport.write(frame(message))
+                self.hello = []
+                self.ready()
         buf = self.buf
         pos = 0
         while len(buf) - pos >= 2:
@@ -88,14 +97,23 @@ class Subscriber(asyncio.Protocol):
                 break
             opcode = buf[pos] & 0x0F
             if opcode == 0x1:
+                self.texts += 1
+                if self.hello:
+                    assert self.transport is not None
+                    self.transport.write(frame(self.hello.pop(0)))
+                    if not self.hello:
+                        self.ready()
                 self.on_text(buf[pos + head : pos + head + b1])
             pos += head + b1
         self.buf = buf[pos:]
 
     def on_text(self, payload: bytes) -> None:
+        counted = self.count
         for line in payload.split(b"\n"):
             m = self.seq.search(line)
             if m is None:
+                if b'"w":1' in line:
+                    self.warm += 1
                 continue  # a reply, not a publication
             n = int(m.group(1))
             self.count += 1
@@ -109,3 +127,5 @@ class Subscriber(asyncio.Protocol):
                 t = SENT.search(line)
                 if t is not None:
                     self.latencies.append(time.time() - float(t.group(1)))
+        if self.count > counted:
+            self.frames += 1

@@ -18,6 +18,10 @@ command -v npm >/dev/null 2>&1 || need+=(npm)
 # A real browser for the end-to-end tests (Playwright drives this one; it
 # never downloads a browser of its own).
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# `install-system-deps.sh bench`: the HTTP load generator for the benchmarks.
+if [ "${1:-}" = "bench" ]; then
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -339,6 +339,7 @@ async def _serve(
 
     from server.app import make_app, max_body_size
     from server.node import Node
+    from server.supervisor import LISTEN_BACKLOG
 
     node = Node(settings)
     try:
@@ -360,7 +361,9 @@ async def _serve(
             for sock in sockets:
                 sock.setblocking(False)
         else:
-            sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
+            sockets = tornado.netutil.bind_sockets(
+                settings.server.port, settings.server.host, backlog=LISTEN_BACKLOG
+            )
     except OSError:
         await node.close()
         raise

@@ -52,6 +52,12 @@ class _Worker:
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
 
+# Connections waiting to be accepted. Tornado's default (128) overflows in a
+# reconnect storm, and every client that overflows waits 1-3 s for its SYN to
+# be sent again. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 def worker_count(text: str) -> int:
     if text == "auto":
         return max(1, os.cpu_count() or 1)
@@ -79,7 +85,7 @@ def supervise(
             return 2
         ports = [port + i for i in range(workers)]
     else:
-        sockets = tornado.netutil.bind_sockets(port, host)
+        sockets = tornado.netutil.bind_sockets(port, host, backlog=LISTEN_BACKLOG)
         for sock in sockets:
             sock.set_inheritable(True)
         port = sockets[0].getsockname()[1]

@@ -1,15 +1,20 @@
-"""Plain Tornado: write_message to each subscriber, nothing else."""
+"""Plain Tornado: write_message to each subscriber, nothing else. Also the
+HTTP reference for bench.http: GET /status answers a small JSON document,
+POST /api/publish parses the body and broadcasts it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+import time
 
 import tornado.web
 import tornado.websocket
 import uvloop
 
 subscribers: set[tornado.websocket.WebSocketHandler] = set()
+started = time.time()
 
 
 class Handler(tornado.websocket.WebSocketHandler):
@@ -24,8 +29,26 @@ class Handler(tornado.websocket.WebSocketHandler):
         subscribers.discard(self)
 
 
+class Status(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"uptime": time.time() - started, "subscribers": len(subscribers)}))
+
+
+class Publish(tornado.web.RequestHandler):
+    def post(self) -> None:
+        body = json.loads(self.request.body)
+        message = json.dumps(body["data"])
+        for sub in subscribers:
+            sub.write_message(message)
+        self.set_header("Content-Type", "application/json")
+        self.finish('{"result":{}}')
+
+
 async def main(port: int) -> None:
-    app = tornado.web.Application([(r"/connection/websocket", Handler)])
+    app = tornado.web.Application(
+        [(r"/connection/websocket", Handler), (r"/status", Status), (r"/api/publish", Publish)]
+    )
     app.listen(port, "127.0.0.1")
     print("ready", flush=True)
     await asyncio.Event().wait()
