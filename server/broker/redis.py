@@ -47,6 +47,10 @@ from server.broker import redis_lua as lua
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 from server.tasks import BackgroundTasks
 
+# Connections per Redis server for commands (pub/sub has its own).
+POOL_SIZE = 64
+CLUSTER_POOL_SIZE = 1024
+
 log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
 
@@ -215,14 +219,24 @@ class _Shard:
             for part in self.url[len("redis+cluster://") :].split(","):
                 host, _, port = part.strip().rstrip("/").rpartition(":")
                 nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
-            self.client = RedisCluster(startup_nodes=nodes, **kwargs)
+            # No blocking pool for a cluster: a larger one per node instead.
+            self.client = RedisCluster(
+                startup_nodes=nodes, max_connections=CLUSTER_POOL_SIZE, **kwargs
+            )
             await self.client.initialize()
             for node in self.client.get_primaries():
                 url = f"redis://{node.host}:{node.port}/0"
                 self.pubsubs[node.name] = _PubSub(self.broker, url, node.name, sharded=True)
         else:
             kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
-            self.client = aioredis.Redis.from_url(self.url, **kwargs)
+            # A burst of subscribes (a reconnect storm) wants more commands in
+            # flight than the pool has connections: they wait for one (up to
+            # the broker timeout) instead of failing with "Too many
+            # connections", which is what redis-py's default pool does.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=POOL_SIZE, timeout=timeout, **kwargs
+            )
+            self.client = aioredis.Redis.from_pool(pool)  # closes the pool with it
             self.pubsubs[self.url] = _PubSub(
                 self.broker, self.url, f"shard {self.index}", sharded=False
             )

@@ -168,3 +168,15 @@ async def test_cluster_view(redis_url: str, prefix: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
+    broker: RedisBroker,
+) -> None:
+    # A reconnect storm: hundreds of subscribes ask Redis for a position at
+    # the same moment, far more than the connection pool holds. redis-py's
+    # default pool failed the extra ones at once ("Too many connections",
+    # seen by clients as error 114); they must wait for a connection.
+    await broker.publish("storm", b'"x"', info=None, history=KEEP)
+    positions = await asyncio.gather(*(broker.position("storm") for _ in range(600)))
+    assert {p.offset for p in positions} == {1}
