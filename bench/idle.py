@@ -143,7 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(x) for x in args.connections.split(",")]
     # Each connection is a socket here and in the server (which inherits it).
-    raise_fd_limit(max(counts) * 2 + 1000)
+    # The generator and the server (which inherits the limit) each hold N.
+    raise_fd_limit(max(counts) + 1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     results: list[IdleResult] = []

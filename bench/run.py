@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -75,15 +77,18 @@ class Result:
 
 def raise_fd_limit(want: int) -> None:
     """Room for ``want`` sockets here and in the servers (they inherit it):
-    the hard limit too where we may (root), else up to it."""
+    the hard limit too where we may (CAP_SYS_RESOURCE), else exit with a
+    clear message rather than fail halfway with EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= want:
         return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
     except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-        print(f"warning: open files limited to {hard}; fewer connections may be possible")
+        if want > hard:
+            sys.exit(f"bench: {want:,} open files needed, the hard limit is {hard:,} and this "
+                     "process may not raise it (CAP_SYS_RESOURCE; ulimit -Hn)")  # fmt: skip
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -136,7 +141,7 @@ def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | 
     if peer.startswith("squall"):
         config = workdir / "bench.toml"
         config.write_text(SQUALL_CONFIG)
-        env.update(SQUALL_TOKEN_SECRET=SECRET, SQUALL_API_KEY=API_KEY, SQUALL_LOG_LEVEL="warning")
+        env.update(SQUALL_TOKEN_SECRET=SECRET, SQUALL_API_KEY=API_KEY, SQUALL_LOG_LEVEL=os.environ.get("SQUALL_LOG_LEVEL", "warning"))
         cmd += ["--config", str(config), "--data-dir", str(workdir / "data")]
         if "--workers" in args:
             pin = []  # one worker per core
@@ -144,7 +149,7 @@ def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | 
             # Flame graph of the server's own hot path (py-spy samples it from
             # outside; the CPU figures of a profiled run are not comparable).
             out = RESULTS / f"flame-{PROFILE}.svg"
-            cmd = ["py-spy", "record", "--nonblocking", "-r", "250", "-o", str(out), "--", *cmd]
+            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "250", "-o", str(out), "--", *cmd]
     proc = subprocess.Popen([*pin, *cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     import socket
@@ -161,6 +166,13 @@ def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | 
 
 
 def stop_peer(proc: subprocess.Popen[bytes]) -> None:
+    if PROFILE:
+        # Stop the profiled server, not py-spy: py-spy writes its flame graph
+        # when its child exits.
+        for child in descendants(proc.pid):
+            os.kill(child, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
     proc.terminate()
     try:
         proc.wait(timeout=15)
@@ -176,13 +188,18 @@ def squall_token(user: str) -> str:
     return mint_token(AuthSettings(token_secret=SECRET), sub=user, ttl=3600)
 
 
-def hello(peer: str, user: str, channel: str = "bench:fanout") -> list[bytes]:
-    """What a subscriber sends once the handshake is done."""
+def hello(peer: str, user: str, channel: str = "") -> list[bytes]:
+    """What a subscriber sends once the handshake is done: to subscribe to
+    ``channel`` (c17, ...) or, when empty, to the one fan-out channel."""
     if not peer.startswith("squall"):
-        return list(PEERS[peer].sub)
+        sub = list(PEERS[peer].sub)
+        if channel:
+            sub[-1] = (b'42["sub","%s"]' if PEERS[peer].hello else b"sub:%s") % channel.encode()
+        return sub
+    name = f"bench:{channel}" if channel else "bench:fanout"
     return [
         json.dumps({"id": 1, "method": "connect", "params": {"token": squall_token(user)}}).encode(),
-        b'{"id":2,"method":"subscribe","params":{"channel":"%s"}}' % channel.encode(),
+        b'{"id":2,"method":"subscribe","params":{"channel":"%s"}}' % name.encode(),
     ]
 
 
@@ -192,17 +209,24 @@ def publisher_hello(peer: str) -> list[bytes]:
     return hello(peer, "publisher")[:1]
 
 
-def message(peer: str, n: int, pad: str, channel: str = "bench:fanout") -> bytes:
-    data = {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
+def message(peer: str, n: int, pad: str, channel: str = "") -> bytes:
+    """Publication ``n`` (its number within its channel; 0: a warm-up) to
+    ``channel`` (c17, ...) or, when empty, to the one fan-out channel."""
+    data: dict[str, Any] = {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
     if peer.startswith("squall"):
-        body = {"id": n + 10, "method": "publish", "params": {"channel": channel, "data": data}}
+        name = f"bench:{channel}" if channel else "bench:fanout"
+        body = {"id": 10 + n, "method": "publish", "params": {"channel": name, "data": data}}
         return json.dumps(body, separators=(",", ":")).encode()
     before, after = PEERS[peer].wrap
+    if channel and PEERS[peer].hello:  # socket.io: the channel is a room
+        data = {"ch": channel, "data": data}
+    elif channel:
+        before = channel.encode() + b"\n" + before  # the simple peers: "<channel>\n<payload>"
     return before + json.dumps(data, separators=(",", ":")).encode() + after
 
 
 async def one_run(peer: str, subscribers: int, publications: int, rate: float, size: int,
-                  burst: int = 1, scenario: str = "fanout") -> Result:  # fmt: skip
+                  burst: int = 1, scenario: str = "fanout", channels: int = 0) -> Result:  # fmt: skip
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -225,7 +249,7 @@ async def one_run(peer: str, subscribers: int, publications: int, rate: float, s
                     return [proc.pid, *descendants(proc.pid), *extra]
 
                 return await _measure(loop, peer, port, pids, subscribers, publications, rate,
-                                      size, burst, scenario)  # fmt: skip
+                                      size, burst, scenario, channels)  # fmt: skip
             finally:
                 stop_peer(proc)
         finally:
@@ -247,11 +271,16 @@ def descendants(pid: int) -> list[int]:
 
 async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
                    pids: Callable[[], list[int]], subscribers: int, publications: int,
-                   rate: float, size: int, burst: int, scenario: str) -> Result:  # fmt: skip
+                   rate: float, size: int, burst: int, scenario: str,
+                   channels: int = 0) -> Result:  # fmt: skip
     """Subscribe, warm up, publish, count; CPU of every process ``pids()``
     names (read when the measurement starts)."""
     ports = [port]
     path = PEERS[peer].path
+
+    def chan(i: int) -> str:
+        return f"c{i % channels}" if channels else ""
+
     stepwise = bool(PEERS[peer].hello)
     ready = asyncio.Event()
     waiting = [subscribers]
@@ -271,7 +300,7 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
         lat = latencies if i % every == 0 else None
         p = ports[i % len(ports)]
         _, protocol = await loop.create_connection(
-            lambda i=i, lat=lat, p=p: Subscriber(path, f"127.0.0.1:{p}", hello(peer, f"u{i}"),
+            lambda i=i, lat=lat, p=p: Subscriber(path, f"127.0.0.1:{p}", hello(peer, f"u{i}", chan(i)),
                                                  seq, lat, one_ready, stepwise),  # fmt: skip
             "127.0.0.1", p,
         )
@@ -297,9 +326,11 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
     # Warm up until every subscriber heard something (Squall's warm-ups carry
     # offsets and count as publications; the peers' are marked "w"), again
     # every half second: a subscriber may still be joining its room.
-    for i in range(400):
+    # Joining rooms is slow in some peers: 20 s, plus 1 s per 500 subscribers.
+    for i in range(400 + subscribers // 25):
         if i % 10 == 0:
-            publisher.transport.write(frame(message(peer, 0, "")))
+            for c in range(max(1, channels)):
+                publisher.transport.write(frame(message(peer, 0, "", chan(c))))
         await asyncio.sleep(0.05)
         if all(s.count or s.warm for s in subs):
             break
@@ -320,22 +351,28 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
     # on average; with no rate, as fast as the socket takes them.
     interval = burst / rate if rate else 0.0
     for n in range(1, publications + 1):
-        publisher.transport.write(frame(message(peer, n, pad)))
+        # Round robin over the channels; ``n`` counts within each channel.
+        c = (n - 1) % max(1, channels)
+        publisher.transport.write(frame(message(peer, (n - 1) // max(1, channels) + 1, pad,
+                                                chan(c))))  # fmt: skip
         if interval and n % burst == 0:
             delay = t0 + (n // burst) * interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
         elif not interval and n % 50 == 0:
             await asyncio.sleep(0)
-    expected = publications * subscribers
-    deadline = time.perf_counter() + 60
+    per_sub = publications // max(1, channels)  # what each subscriber should get
+    expected = per_sub * subscribers
+    # A slow peer gets time to deliver everything (at 5,000 deliveries/s);
+    # what has not arrived by then counts as lost.
+    deadline = time.perf_counter() + max(60.0, expected / 5000)
     while sum(s.count for s in subs) < expected and time.perf_counter() < deadline:
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
     cpu = sum(cpu_seconds(pid) for pid in measured) - cpu0
     own = sum(os.times()[:2]) - own0
     delivered = sum(s.count for s in subs)
-    lost = sum(max(0, publications - (s.count - s.dup)) for s in subs)
+    lost = sum(max(0, per_sub - (s.count - s.dup)) for s in subs)
     for s in [*subs, publisher]:
         if s.transport is not None:
             s.transport.close()
@@ -352,7 +389,7 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
         p50_ms=pct(0.5), p99_ms=pct(0.99), p999_ms=pct(0.999),
         lost=lost, duplicated=sum(s.dup for s in subs), client_bound=own > 0.9 * elapsed,
         frames_per_delivery=round(sum(s.frames for s in subs) / max(delivered, 1), 3),
-        burst=burst, scenario=scenario,
+        burst=burst, scenario=scenario if not channels else f"{scenario}, {channels:,} channels",
     )  # fmt: skip
 
 
@@ -421,6 +458,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1, help="at a rate: publications sent back to back")
     parser.add_argument("--size", type=int, default=100, help="padding bytes per publication")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=0,
+                        help="subscriber i takes channel i %% C; publications go round robin")
     parser.add_argument("--scenario", default="", help="name in the results (default: from rate)")
     parser.add_argument("--name", default="fanout", help="results file: bench/results/<name>.md")
     parser.add_argument("--profile", default="", help="run Squall under py-spy: flame-NAME.svg")
@@ -439,7 +478,7 @@ def main() -> None:
         for rep in range(args.reps):
             for peer in peers:
                 r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size,
-                                       args.burst, scenario))  # fmt: skip
+                                       args.burst, scenario, args.channels))  # fmt: skip
                 print(f"{peer:16} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
                       f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
                       f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} dup={r.duplicated}"

@@ -184,7 +184,7 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    raise_fd_limit(args.clients * 2 + 1000)
+    raise_fd_limit(args.clients + 1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     results = []

@@ -7,7 +7,9 @@ const port = Number(process.argv[2]);
 const http = createServer();
 const io = new Server(http, { transports: ["websocket"], perMessageDeflate: false, serveClient: false });
 io.on("connection", (socket) => {
-  socket.on("sub", () => socket.join("subs"));
-  socket.on("pub", (data) => io.to("subs").emit("m", data));
+  // "sub" joins the room "subs", or the channel it names; a publication
+  // {"ch": ..., "data": ...} goes to that channel's room.
+  socket.on("sub", (channel) => socket.join(channel || "subs"));
+  socket.on("pub", (data) => (data.ch ? io.to(data.ch).emit("m", data.data) : io.to("subs").emit("m", data)));
 });
 http.listen(port, "127.0.0.1", () => console.log("ready"));

@@ -13,33 +13,39 @@ import tornado.web
 import tornado.websocket
 import uvloop
 
-subscribers: set[tornado.websocket.WebSocketHandler] = set()
+# "sub" or "sub:<channel>" subscribes; "<channel>\n<payload>" publishes there.
+channels: dict[str, set[tornado.websocket.WebSocketHandler]] = {}
 started = time.time()
 
 
 class Handler(tornado.websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> None:
-        if message == "sub":
-            subscribers.add(self)
+        assert isinstance(message, str)
+        if message[:3] == "sub":
+            subs = channels.setdefault(message[4:], set())
+            subs.add(self)
+            self.subs = [*getattr(self, "subs", []), subs]
             return
-        for sub in subscribers:
-            sub.write_message(message)
+        channel, _, body = message.rpartition("\n")
+        for sub in channels.get(channel, ()):
+            sub.write_message(body)
 
     def on_close(self) -> None:
-        subscribers.discard(self)
+        for subs in getattr(self, "subs", []):
+            subs.discard(self)
 
 
 class Status(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"uptime": time.time() - started, "subscribers": len(subscribers)}))
+        self.finish(json.dumps({"uptime": time.time() - started, "subscribers": sum(map(len, channels.values()))}))
 
 
 class Publish(tornado.web.RequestHandler):
     def post(self) -> None:
         body = json.loads(self.request.body)
         message = json.dumps(body["data"])
-        for sub in subscribers:
+        for sub in channels.get("", ()):
             sub.write_message(message)
         self.set_header("Content-Type", "application/json")
         self.finish('{"result":{}}')

@@ -15,13 +15,17 @@ sio = socketio.AsyncServer(async_mode="tornado", transports=["websocket"], http_
 
 
 @sio.on("sub")  # type: ignore[misc]
-async def sub(sid: str, *args: Any) -> None:
-    await sio.enter_room(sid, "subs")
+async def sub(sid: str, channel: str | None = None, *args: Any) -> None:
+    await sio.enter_room(sid, channel or "subs")
 
 
 @sio.on("pub")  # type: ignore[misc]
 async def pub(sid: str, data: Any) -> None:
-    await sio.emit("m", data, room="subs")
+    # {"ch": ..., "data": ...} goes to that channel's room.
+    if "ch" in data:
+        await sio.emit("m", data["data"], room=data["ch"])
+    else:
+        await sio.emit("m", data, room="subs")
 
 
 async def main(port: int) -> None:

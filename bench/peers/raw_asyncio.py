@@ -1,7 +1,8 @@
 """The practical floor for Python: uvloop, a bare WebSocket handshake, then
 one pre-built frame written to every subscriber's transport. No protocol,
-no queues, no offsets. A client's first message says its role: "sub", or
-anything else is a publication to broadcast as is."""
+no queues, no offsets. A client's message "sub" (or "sub:<channel>") makes
+it a subscriber; anything else is a publication, broadcast as is (or, as
+"<channel>\n<payload>", to that channel's subscribers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import uvloop
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-subscribers: set[asyncio.Transport] = set()
+channels: dict[bytes, set[asyncio.Transport]] = {}
 
 
 def server_frame(payload: bytes) -> bytes:
@@ -30,13 +31,14 @@ class Conn(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = b""
         self.open = False
-        self.role: str | None = None
+        self.subs: list[set[asyncio.Transport]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        subscribers.discard(self.t)
+        for subs in self.subs:
+            subs.discard(self.t)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -65,11 +67,14 @@ class Conn(asyncio.Protocol):
             mask = self.buf[head : head + 4]
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.buf[head + 4 : head + 4 + n]))
             self.buf = self.buf[head + 4 + n :]
-            if payload == b"sub":
-                subscribers.add(self.t)
+            if payload[:3] == b"sub":
+                subs = channels.setdefault(payload[4:], set())
+                subs.add(self.t)
+                self.subs.append(subs)
             else:
-                out = server_frame(payload)
-                for t in subscribers:
+                channel, _, body = payload.rpartition(b"\n")
+                out = server_frame(body)
+                for t in channels.get(channel, ()):
                     t.write(out)
 
 
