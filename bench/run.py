@@ -474,18 +474,28 @@ def main() -> None:
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     results: list[Result] = []
+    failures: list[str] = []
     for n in [int(x) for x in args.subscribers.split(",")]:
         for rep in range(args.reps):
             for peer in peers:
-                r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size,
-                                       args.burst, scenario, args.channels))  # fmt: skip
+                try:
+                    r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size,
+                                           args.burst, scenario, args.channels))  # fmt: skip
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    # One peer failing (too slow to take N subscribers, say)
+                    # is a result too; the others still run.
+                    print(f"{peer:16} subs={n:6} rep={rep} FAILED: {exc!r}", flush=True)
+                    failures.append(f"{peer}, {n:,} subscribers: {exc!r}")
+                    continue
                 print(f"{peer:16} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
                       f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
                       f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} dup={r.duplicated}"
                       f"{' CLIENT-BOUND' if r.client_bound else ''}", flush=True)  # fmt: skip
                 results.append(r)
-    print(write_results(args.name, f"Fan-out ({scenario})", vars(args), results,
-                        summarize(results)))  # fmt: skip
+    table = summarize(results)
+    if failures:
+        table += "\n\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures)
+    print(write_results(args.name, f"Fan-out ({scenario})", vars(args), results, table))
 
 
 def write_results(kind: str, title: str, args: dict[str, Any], results: list[Any],
