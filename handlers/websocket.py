@@ -90,9 +90,6 @@ class WebSocketConnections:
         self._empty = asyncio.Event()
         node.add_closer(self.close_all)
 
-    def __len__(self) -> int:
-        return len(self._conns)
-
     def add(self, conn: WebSocketConnection) -> None:
         self._conns[conn] = None
         if self._timer is None and self.ping_interval:
