@@ -17,6 +17,7 @@ connection is therefore bounded by about twice the byte limit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import time
@@ -31,6 +32,10 @@ from server.models import ClientInfo, StreamPosition
 
 if TYPE_CHECKING:
     from server.node import Node
+
+# Publishes of one client in flight at once (pipelined brokers only); past
+# it, the client's next command waits, and so does reading its socket.
+MAX_INFLIGHT_PUBLISHES = 256
 
 log = logging.getLogger("squall.session")
 
@@ -134,6 +139,7 @@ def _bool_param(params: dict[str, Any], name: str) -> bool:
 class Session:
     __slots__ = (
         "_buffering",
+        "_inflight",
         "_max_bytes",
         "_max_messages",
         "_pending",
@@ -176,6 +182,8 @@ class Session:
         self._buffering: dict[str, list[tuple[int, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._token_channels: list[str] = []
+        # Publishes in flight, oldest first; their replies go out in order.
+        self._inflight: collections.deque[asyncio.Future[bytes]] | None = None
         self._set_timer(limits.connect_timeout, self._on_connect_timeout)
 
     @property
@@ -308,12 +316,78 @@ class Session:
             if self.closed:
                 return
             if not self.limiter.allow():
-                self.send(protocol.error_reply(command.id, errors.TooManyRequests()))
+                self._reply(protocol.error_reply(command.id, errors.TooManyRequests()))
                 continue
             if isinstance(command, protocol.InvalidCommand):
-                self.send(protocol.error_reply(command.id, command.error))
+                self._reply(protocol.error_reply(command.id, command.error))
                 continue
+            if self._pipelined and command.method == "publish":
+                await self._begin_publish(command)
+                continue
+            await self._settle()
             await self._dispatch(command)
+
+    # ---- pipelined publishes ----------------------------------------------
+    #
+    # On a broker that keeps concurrent publishes in call order (Redis: one
+    # pipeline per round trip), a client's consecutive publishes do not wait
+    # for each other: a burst costs a few round trips instead of one each, and
+    # reaches subscribers together. Replies still go out in command order, and
+    # any other command waits until the publishes before it are answered.
+
+    @property
+    def _pipelined(self) -> bool:
+        return self.state is State.CONNECTED and self.node.broker.ordered_publish
+
+    async def _begin_publish(self, command: protocol.Command) -> None:
+        inflight = self._inflight
+        if inflight is None:
+            inflight = self._inflight = collections.deque()
+        elif len(inflight) >= MAX_INFLIGHT_PUBLISHES:
+            await asyncio.wait((inflight[0],))
+            self._send_answered()
+        task = asyncio.get_running_loop().create_task(self._answer(command))
+        task.add_done_callback(self._send_answered)
+        inflight.append(task)
+
+    async def _answer(self, command: protocol.Command) -> bytes:
+        self.node.metrics.count_command(command.method)
+        try:
+            result = await self._cmd_publish(command.params)
+        except SquallError as exc:
+            self.node.metrics.count_error(exc.code)
+            return protocol.error_reply(command.id, exc)
+        except Exception:
+            log.exception("publish failed for %s", self.client_id)
+            self.node.metrics.count_error(errors.InternalError.code)
+            return protocol.error_reply(command.id, errors.InternalError())
+        return protocol.reply(command.id, result)
+
+    def _reply(self, reply: bytes) -> None:
+        """Send a reply that is ready now, after the replies still in flight."""
+        inflight = self._inflight
+        if inflight:
+            ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            ready.set_result(reply)
+            inflight.append(ready)
+        else:
+            self.send(reply)
+
+    def _send_answered(self, _task: object = None) -> None:
+        """Send the replies at the head of the in-flight queue that are ready."""
+        inflight = self._inflight
+        while inflight and inflight[0].done():
+            task = inflight.popleft()
+            if not task.cancelled() and not self.closed:
+                self.send(task.result())
+        if not inflight:
+            self._inflight = None
+
+    async def _settle(self) -> None:
+        """Wait until every publish in flight is answered."""
+        while self._inflight:
+            await asyncio.wait(tuple(self._inflight))
+            self._send_answered()
 
     async def _dispatch(self, command: protocol.Command) -> None:
         method = command.method

@@ -54,6 +54,10 @@ class BrokerHandler(Protocol):
 
 class Broker(Protocol):
     name: str
+    # True when concurrent ``publish`` calls land in the order they were
+    # made, so a session may have several of one client's publishes in
+    # flight at once (see ``Session._begin_publish``).
+    ordered_publish: bool
 
     async def start(self, handler: BrokerHandler) -> None: ...
 

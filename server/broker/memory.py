@@ -41,6 +41,9 @@ class _Stream:
 
 class MemoryBroker:
     name = "memory"
+    # Publishing never waits here, so a session gains nothing by keeping
+    # several publishes in flight.
+    ordered_publish = False
 
     def __init__(self, *, sweep_interval: float = 60.0) -> None:
         self._streams: dict[str, _Stream] = {}

@@ -206,6 +206,9 @@ class _Shard:
         self.client: Any = None
         self.scripts: dict[str, Any] = {}
         self.pubsubs: dict[str, _PubSub] = {}
+        # Publishes waiting for the next pipeline (one in flight at a time).
+        self.publishes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self.publishing = False
 
     async def start(self) -> None:
         timeout = self.broker.timeout
@@ -264,6 +267,10 @@ class _Shard:
         return self.pubsubs[node.name]
 
 
+# Publishes sent in one pipeline at most.
+PUBLISH_BATCH = 512
+
+
 class RedisBroker:
     name = "redis"
 
@@ -288,6 +295,9 @@ class RedisBroker:
             urls = ["redis+cluster://" + ",".join(u.split("://", 1)[-1] for u in urls)]
         self.shards = [_Shard(self, u, i) for i, u in enumerate(urls)]
         self.sharded_pubsub = self.shards[0].cluster
+        # One pipeline in flight per server keeps publishes in call order; a
+        # cluster client spreads calls over connections and does not.
+        self.ordered_publish = not self.sharded_pubsub
         self.shard_channel = f"{prefix}:{{shard}}"
         self.control_channel = f"{prefix}:{{control}}"
         self.script_sources = {
@@ -414,13 +424,70 @@ class RedisBroker:
             time_ms,
             "1" if self.sharded_pubsub else "0",
         ]
-        ok, offset, epoch = await self._call(
-            self._shard(channel), "publish", self._keys(channel), args
-        )
+        shard = self._shard(channel)
+        if shard.cluster:
+            ok, offset, epoch = await self._call(shard, "publish", self._keys(channel), args)
+        else:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            shard.publishes.append((self._keys(channel), args, fut))
+            if not shard.publishing:
+                shard.publishing = True
+                self.spawn(self._send_publishes(shard))
+            ok, offset, epoch = await fut
         epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
         if not ok:
             raise OffsetConflict(StreamPosition(int(offset), epoch))
         return Publication(channel, int(offset), epoch, data, info, time_ms)
+
+    async def _send_publishes(self, shard: _Shard) -> None:
+        """Group commit: everything published while the previous pipeline was
+        out goes in the next one. Redis runs one connection's commands in
+        order, so publications keep the order of the ``publish`` calls, and
+        a burst costs a few round trips instead of one per publication; its
+        messages come back on pub/sub together, so subscribers get them in
+        one write."""
+        batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        try:
+            while shard.publishes:
+                batch = shard.publishes[:PUBLISH_BATCH]
+                del shard.publishes[:PUBLISH_BATCH]
+                try:
+                    replies = await self._pipeline(shard, "publish", batch)
+                except BrokerUnavailable as exc:
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(BrokerUnavailable(str(exc)))
+                    continue
+                for (_, _, fut), reply in zip(batch, replies, strict=True):
+                    if fut.done():
+                        continue  # the publisher gave up waiting
+                    if isinstance(reply, _REDIS_ERRORS):
+                        fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
+                    elif isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+                batch = []
+        finally:
+            shard.publishing = False
+            # Cancelled (the broker is closing): nobody is left waiting.
+            for _, _, fut in batch + shard.publishes:
+                if not fut.done():
+                    fut.set_exception(BrokerUnavailable("redis: the broker is closing"))
+            shard.publishes = []
+
+    async def _pipeline(
+        self, shard: _Shard, script: str, calls: Sequence[tuple[list[str], list[Any], Any]]
+    ) -> list[Any]:
+        """Run one script for every call in one round trip; a call that fails
+        gets its exception in its place instead of failing the others."""
+        try:
+            pipe = shard.client.pipeline(transaction=False)
+            for keys, args, _ in calls:
+                await shard.scripts[script](keys=keys, args=args, client=pipe)
+            return list(await pipe.execute(raise_on_error=False))
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
 
     async def position(self, channel: str) -> StreamPosition:
         offset, epoch = await self._call(

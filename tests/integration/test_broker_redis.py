@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from server.broker.redis import RedisBroker, jump_hash
 from server.models import HistoryOptions
@@ -180,3 +181,43 @@ async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
     await broker.publish("storm", b'"x"', info=None, history=KEEP)
     positions = await asyncio.gather(*(broker.position("storm") for _ in range(600)))
     assert {p.offset for p in positions} == {1}
+
+
+@pytest.mark.parametrize("redis_url", ["single", "sharded"], indirect=True)
+async def test_concurrent_publishes_land_in_call_order(
+    broker: RedisBroker, handler: GapHandler
+) -> None:
+    # One client's pipelined publishes are concurrent calls: their offsets
+    # must follow the order of the calls, and so must delivery.
+    assert broker.ordered_publish
+    await broker.subscribe("order")
+    pubs = await asyncio.gather(
+        *(broker.publish("order", b"%d" % i, info=None, history=KEEP) for i in range(300))
+    )
+    assert [p.offset for p in pubs] == list(range(1, 301))
+    assert [p.data for p in pubs] == [b"%d" % i for i in range(300)]
+    await eventually(lambda: len(handler.pubs) == 300)
+    assert [p.offset for p in handler.pubs] == list(range(1, 301))
+
+
+async def test_one_failing_publish_in_a_batch_fails_alone(broker: RedisBroker) -> None:
+    # A key of the wrong type makes Redis refuse that one script call; the
+    # publications sent in the same round trip still land.
+    await broker._shard("broken").client.set(broker._keys("broken")[0], "not a hash")
+    results = await asyncio.gather(
+        broker.publish("fine", b"1", info=None, history=KEEP),
+        broker.publish("broken", b"2", info=None, history=KEEP),
+        broker.publish("fine", b"3", info=None, history=KEEP),
+        return_exceptions=True,
+    )
+    first, bad, last = results
+    assert isinstance(bad, redis.exceptions.ResponseError)
+    assert not isinstance(first, BaseException) and not isinstance(last, BaseException)
+    landed = [
+        (p.offset, p.data) for p in (await broker.history("fine", after=0, limit=10)).publications
+    ]
+    if broker.ordered_publish:
+        assert (first.offset, last.offset) == (1, 2)
+        assert landed == [(1, b"1"), (2, b"3")]
+    else:  # a cluster client runs concurrent calls in any order
+        assert sorted(d for _, d in landed) == [b"1", b"3"]

@@ -148,3 +148,47 @@ async def test_redis_down_publish_fails_clearly_clients_stay_and_recover(
             assert (await sub.get(timeout=10)).data == "after"
     finally:
         redis.stop()
+
+
+async def test_a_burst_of_publishes_is_answered_in_order_and_delivered_together(
+    make_server: ServerFactory, redis_config: dict[str, Any]
+) -> None:
+    # A client that sends many publishes at once does not wait a Redis round
+    # trip for each: they go out together, keep their order, and reach the
+    # other node's subscriber in a few frames, not one per publication.
+    config = {**redis_config, "limits": {"commands_per_second": 1000, "command_burst": 1000}}
+    a, b = await make_server(config), await make_server(config)
+    watcher = await b.connected("bob")
+    await watcher.call("subscribe", {"channel": "room:burst"})
+    publisher = await a.connected("alice")
+    await publisher.call("subscribe", {"channel": "room:burst"})
+    commands = []
+    for i in range(1, 301):
+        params: dict[str, Any] = {"channel": "room:burst", "data": {"n": i}}
+        if i == 150:
+            params = {"channel": "no-publish-here", "data": {"n": i}}
+        commands.append({"id": 100 + i, "method": "publish", "params": params})
+        if i == 200:
+            commands.append({"id": 1000, "method": "history", "params": {"channel": "room:burst"}})
+        if i == 250:
+            commands.append({"id": 1001, "method": ""})  # answered at once, still in order
+    for start in range(0, len(commands), 50):
+        publisher.send("\n".join(orjson.dumps(c).decode() for c in commands[start : start + 50]))
+    replies: list[dict[str, Any]] = []
+    while len(replies) < len(commands):
+        message = await publisher.recv()
+        if "id" in message:
+            replies.append(message)
+    assert [r["id"] for r in replies] == [c["id"] for c in commands]
+    offsets = [r["result"]["offset"] for r in replies if "result" in r and r["id"] != 1000]
+    assert replies[251]["error"]["code"] == 107
+    assert offsets == list(range(1, 300))
+    assert replies[149]["error"]["code"] == 103  # the refused one, in its place
+    history = replies[200]["result"]
+    assert history["offset"] == 199  # it saw every publish sent before it
+    assert history["publications"][-1]["data"] == {"n": 200}
+    frames_before = watcher.frames
+    got = [(await watcher.push("pub"))["pub"] for _ in range(299)]
+    assert [p["offset"] for p in got] == list(range(1, 300))
+    assert [p["data"]["n"] for p in got] == [n for n in range(1, 301) if n != 150]
+    assert watcher.frames - frames_before < 100
