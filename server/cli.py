@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -157,7 +158,8 @@ def _serve_command(
         )
     if workers == 1:
         fds = [int(fd) for fd in args.listen_fds.split(",")] if args.listen_fds else None
-        return serve(settings, secrets_path, listen_fds=fds, banner=args.worker_index is None)
+        worker = args.worker_index is not None
+        return serve(settings, secrets_path, listen_fds=fds, banner=not worker, worker=worker)
     if not settings.broker.url:
         raise ConfigError(
             "--workers",
@@ -318,11 +320,12 @@ def serve(
     *,
     listen_fds: list[int] | None = None,
     banner: bool = True,
+    worker: bool = False,
 ) -> int:
     _setup_logging(settings.server.log_level)
     _install_uvloop()
     try:
-        return asyncio.run(_serve(settings, secrets_path, listen_fds, banner))
+        return asyncio.run(_serve(settings, secrets_path, listen_fds, banner, worker))
     except OSError as exc:
         print(
             f"squall: cannot listen on {settings.server.host}:{settings.server.port}: {exc}",
@@ -331,8 +334,28 @@ def serve(
         return 1
 
 
+def _watch_parent(stop: asyncio.Event, interval: float = 1.0) -> None:
+    """A worker whose supervisor is gone (killed, out of memory) drains and
+    exits instead of holding its connections and the port forever."""
+    parent = os.getppid()
+    loop = asyncio.get_running_loop()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.warning("the supervisor (pid %d) is gone: draining", parent)
+            stop.set()
+        else:
+            loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
+
+
 async def _serve(
-    settings: Settings, secrets_path: Path | None, listen_fds: list[int] | None, banner: bool
+    settings: Settings,
+    secrets_path: Path | None,
+    listen_fds: list[int] | None,
+    banner: bool,
+    worker: bool = False,
 ) -> int:
     import tornado.httpserver
     import tornado.netutil
@@ -376,6 +399,8 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker:
+        _watch_parent(stop)
     await stop.wait()
     log.info(
         "draining: up to %.1fs for %d connections", settings.server.drain_grace, len(node.sessions)

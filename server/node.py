@@ -631,7 +631,7 @@ class Node:
         with_retention = {n: ns for n, ns in self.settings.namespaces.items() if ns.retention}
         if not with_retention:
             return
-        while True:
+        while self._running:
             await asyncio.sleep(self.settings.store.expire_interval)
             try:
                 removed = await self.store.expire()
@@ -728,7 +728,10 @@ class Node:
 
     async def _report_forever(self) -> None:
         interval = self.settings.broker.node_report_interval
-        while True:
+        # Not ``while True``: a cancellation that lands inside a client
+        # library's own timeout comes out as a timeout error, which this
+        # loop would survive; ``close`` clears ``_running`` first.
+        while self._running:
             try:
                 await self.broker.report_node(self.node_id, self.info())
             except BrokerUnavailable as exc:

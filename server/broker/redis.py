@@ -50,6 +50,8 @@ from server.tasks import BackgroundTasks
 # Connections per Redis server for commands (pub/sub has its own).
 POOL_SIZE = 64
 CLUSTER_POOL_SIZE = 1024
+# Script calls sent in one pipeline at most.
+PIPELINE_MAX = 512
 
 log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
@@ -90,6 +92,27 @@ def decode_message(channel: str, message: bytes) -> Publication:
     return Publication(channel, int(head), epoch.decode(), rest[n:], info, int(time_ms))
 
 
+async def _stop_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them, at most ``timeout`` seconds.
+
+    A cancellation that lands as one of redis-py's own timeouts expires can
+    come out as a timeout error, which a loop that survives errors survives
+    too (seen once: a worker told to stop was still reconnecting to a Redis
+    that had gone, half an hour later). So the loops also check a closing
+    flag, and nobody waits for them forever."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        log.warning("redis broker: %r did not stop within %.0fs", task, timeout)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
+
+
 class _PubSub:
     """One pub/sub connection (RESP2) and the task that reads it."""
 
@@ -102,6 +125,7 @@ class _PubSub:
         self.reader: asyncio.Task[None] | None = None
         self.healthy = False
         self.confirmations: dict[str, asyncio.Future[None]] = {}
+        self.closing = False
 
     async def start(self) -> None:
         timeout = self.broker.timeout
@@ -125,10 +149,9 @@ class _PubSub:
         self.reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     async def close(self) -> None:
+        self.closing = True
         if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
+            await _stop_tasks([self.reader])
         if self.pubsub is not None:
             with contextlib.suppress(Exception):
                 await self.pubsub.aclose()
@@ -162,7 +185,7 @@ class _PubSub:
 
     async def _read_forever(self) -> None:
         delay = 0.05
-        while True:
+        while not self.closing:
             try:
                 message = await self.pubsub.get_message(
                     ignore_subscribe_messages=False, timeout=1.0
@@ -194,6 +217,87 @@ class _PubSub:
                     fut.set_result(None)
 
 
+class _GroupCommit:
+    """Calls of one script on one Redis server, sent in pipelines: everything
+    asked while one pipeline is out goes in the next. One pipeline is in
+    flight at a time, and Redis runs one connection's commands in order, so
+    calls run in the order they were made; a burst costs a few round trips
+    instead of one per call (and a burst of publications comes back on
+    pub/sub together, so subscribers get it in one write). With ``share``,
+    calls for the same channel in one pipeline share one answer: it is read
+    after every one of them was asked for. A call that fails (a Redis error
+    for that script call) fails alone."""
+
+    __slots__ = ("_broker", "_running", "_script", "_shard", "_share", "_waiting")
+
+    def __init__(self, shard: _Shard, script: str, *, share: bool) -> None:
+        self._shard = shard
+        self._broker = shard.broker
+        self._script = script
+        self._share = share
+        self._waiting: dict[Any, tuple[list[str], list[Any], asyncio.Future[Any]]] = {}
+        self._running = False
+
+    def call(self, channel: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        key: Any = channel if self._share else object()
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            return asyncio.shield(waiting[2])
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = (keys, args, fut)
+        if not self._running:
+            self._running = True
+            self._broker.spawn(self._run())
+        return asyncio.shield(fut) if self._share else fut
+
+    async def _run(self) -> None:
+        batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._waiting:
+                waiting = iter(self._waiting.items())
+                taken = [next(waiting) for _ in range(min(PIPELINE_MAX, len(self._waiting)))]
+                for key, _ in taken:
+                    del self._waiting[key]
+                batch = [call for _, call in taken]
+                try:
+                    replies = await self._send(batch)
+                except BrokerUnavailable as exc:
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(BrokerUnavailable(str(exc)))
+                    batch = []
+                    continue
+                for (_, _, fut), reply in zip(batch, replies, strict=True):
+                    if fut.done():
+                        continue  # the caller gave up waiting
+                    if isinstance(reply, _REDIS_ERRORS):
+                        fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
+                    elif isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+                batch = []
+        finally:
+            self._running = False
+            # Cancelled (the broker is closing): nobody is left waiting.
+            for _, _, fut in [*batch, *self._waiting.values()]:
+                if not fut.done():
+                    fut.set_exception(BrokerUnavailable("redis: the broker is closing"))
+            self._waiting.clear()
+
+    async def _send(
+        self, calls: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        shard = self._shard
+        try:
+            pipe = shard.client.pipeline(transaction=False)
+            for keys, args, _ in calls:
+                await shard.scripts[self._script](keys=keys, args=args, client=pipe)
+            return list(await pipe.execute(raise_on_error=False))
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+
+
 class _Shard:
     """One Redis server, or a whole Redis Cluster: a command client with the
     scripts, and the pub/sub connections (one, or one per cluster master)."""
@@ -206,9 +310,9 @@ class _Shard:
         self.client: Any = None
         self.scripts: dict[str, Any] = {}
         self.pubsubs: dict[str, _PubSub] = {}
-        # Publishes waiting for the next pipeline (one in flight at a time).
-        self.publishes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        self.publishing = False
+        # Group commit of the hot scripts (one server, not a cluster).
+        self.publishes = _GroupCommit(self, "publish", share=False)
+        self.positions = _GroupCommit(self, "position", share=True)
 
     async def start(self) -> None:
         timeout = self.broker.timeout
@@ -265,10 +369,6 @@ class _Shard:
             return next(iter(self.pubsubs.values()))
         node = self.client.get_node_from_key(pubsub_name)
         return self.pubsubs[node.name]
-
-
-# Publishes sent in one pipeline at most.
-PUBLISH_BATCH = 512
 
 
 class RedisBroker:
@@ -341,11 +441,8 @@ class RedisBroker:
         ]
 
     async def close(self) -> None:
-        for loop_task in self._loops:
-            loop_task.cancel()
-        for loop_task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop_task
+        self._ok = False  # ends the loops even if a cancellation is swallowed
+        await _stop_tasks(self._loops)
         self._loops = []
         await self._tasks.cancel_all()
         for shard in self.shards:
@@ -366,7 +463,7 @@ class RedisBroker:
         self._tasks.spawn(coro)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
-        while True:
+        while self._ok:
             await asyncio.sleep(interval)
             try:
                 await step()
@@ -428,71 +525,21 @@ class RedisBroker:
         if shard.cluster:
             ok, offset, epoch = await self._call(shard, "publish", self._keys(channel), args)
         else:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            shard.publishes.append((self._keys(channel), args, fut))
-            if not shard.publishing:
-                shard.publishing = True
-                self.spawn(self._send_publishes(shard))
-            ok, offset, epoch = await fut
+            ok, offset, epoch = await shard.publishes.call(channel, self._keys(channel), args)
         epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
         if not ok:
             raise OffsetConflict(StreamPosition(int(offset), epoch))
         return Publication(channel, int(offset), epoch, data, info, time_ms)
 
-    async def _send_publishes(self, shard: _Shard) -> None:
-        """Group commit: everything published while the previous pipeline was
-        out goes in the next one. Redis runs one connection's commands in
-        order, so publications keep the order of the ``publish`` calls, and
-        a burst costs a few round trips instead of one per publication; its
-        messages come back on pub/sub together, so subscribers get them in
-        one write."""
-        batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        try:
-            while shard.publishes:
-                batch = shard.publishes[:PUBLISH_BATCH]
-                del shard.publishes[:PUBLISH_BATCH]
-                try:
-                    replies = await self._pipeline(shard, "publish", batch)
-                except BrokerUnavailable as exc:
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(BrokerUnavailable(str(exc)))
-                    continue
-                for (_, _, fut), reply in zip(batch, replies, strict=True):
-                    if fut.done():
-                        continue  # the publisher gave up waiting
-                    if isinstance(reply, _REDIS_ERRORS):
-                        fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
-                    elif isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
-                batch = []
-        finally:
-            shard.publishing = False
-            # Cancelled (the broker is closing): nobody is left waiting.
-            for _, _, fut in batch + shard.publishes:
-                if not fut.done():
-                    fut.set_exception(BrokerUnavailable("redis: the broker is closing"))
-            shard.publishes = []
-
-    async def _pipeline(
-        self, shard: _Shard, script: str, calls: Sequence[tuple[list[str], list[Any], Any]]
-    ) -> list[Any]:
-        """Run one script for every call in one round trip; a call that fails
-        gets its exception in its place instead of failing the others."""
-        try:
-            pipe = shard.client.pipeline(transaction=False)
-            for keys, args, _ in calls:
-                await shard.scripts[script](keys=keys, args=args, client=pipe)
-            return list(await pipe.execute(raise_on_error=False))
-        except _REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
-
     async def position(self, channel: str) -> StreamPosition:
-        offset, epoch = await self._call(
-            self._shard(channel), "position", self._keys(channel), [_new_epoch(), DEFAULT_META_TTL]
-        )
+        shard = self._shard(channel)
+        keys, args = self._keys(channel), [_new_epoch(), DEFAULT_META_TTL]
+        if shard.cluster:
+            offset, epoch = await self._call(shard, "position", keys, args)
+        else:
+            # A storm of subscribers to one channel asks for its position
+            # once per round trip, not once each.
+            offset, epoch = await shard.positions.call(channel, keys, args)
         return StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
 
     async def seed(self, channel: str, position: StreamPosition) -> None:

@@ -4,6 +4,7 @@ plus what only the Redis broker does: gap detection and filling."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,8 +180,33 @@ async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
     # default pool failed the extra ones at once ("Too many connections",
     # seen by clients as error 114); they must wait for a connection.
     await broker.publish("storm", b'"x"', info=None, history=KEEP)
+    results = await asyncio.gather(
+        *(broker.history("storm", after=0, limit=10) for _ in range(600))
+    )
+    assert {r.position.offset for r in results} == {1}
+
+
+@pytest.mark.parametrize("redis_url", ["single", "sharded"], indirect=True)
+async def test_a_storm_of_subscribers_asks_redis_for_a_position_once_per_round_trip(
+    broker: RedisBroker,
+) -> None:
+    # 600 clients subscribing to one channel at once each need its position:
+    # one script call per pipeline answers all who asked for it meanwhile
+    # (asked one by one, the calls queued past the pool's timeout).
+    await broker.publish("storm", b'"x"', info=None, history=KEEP)
+    shard = broker._shard("storm")
+
+    async def script_calls() -> int:
+        stats = await shard.client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_eval"))
+
+    before = await script_calls()
     positions = await asyncio.gather(*(broker.position("storm") for _ in range(600)))
-    assert {p.offset for p in positions} == {1}
+    assert {(p.offset, p.epoch) for p in positions} == {(1, positions[0].epoch)}
+    assert await script_calls() - before < 20
+    # A position asked for after a publication was answered includes it.
+    await broker.publish("storm", b'"y"', info=None, history=KEEP)
+    assert (await broker.position("storm")).offset == 2
 
 
 @pytest.mark.parametrize("redis_url", ["single", "sharded"], indirect=True)
@@ -221,3 +247,25 @@ async def test_one_failing_publish_in_a_batch_fails_alone(broker: RedisBroker) -
         assert landed == [(1, b"1"), (2, b"3")]
     else:  # a cluster client runs concurrent calls in any order
         assert sorted(d for _, d in landed) == [b"1", b"3"]
+
+
+async def test_close_ends_a_reader_that_swallows_its_cancellation(
+    redis_server: Any, prefix: str, handler: GapHandler
+) -> None:
+    # What redis-py can do when a cancellation meets its own read timeout:
+    # the read ends quietly instead of raising CancelledError.
+    b = RedisBroker(redis_server.url, prefix=prefix)
+    await b.start(handler)
+    pubsub = b.shards[0].pubsubs[redis_server.url]
+
+    calls = []
+
+    async def swallowing(**_: Any) -> None:
+        calls.append(1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+
+    pubsub.pubsub.get_message = swallowing
+    await eventually(lambda: len(calls) > 1)  # the reader is in it now
+    await asyncio.wait_for(b.close(), 10)
+    assert pubsub.reader is not None and pubsub.reader.done()

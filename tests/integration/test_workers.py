@@ -104,6 +104,19 @@ async def test_workers_share_the_port_and_crashed_ones_come_back(
     assert not port_open(port)
 
 
+async def test_workers_stop_when_the_supervisor_is_killed(
+    supervisor: tuple[subprocess.Popen[str], int],
+) -> None:
+    # SIGKILL (or the OOM killer) gives the supervisor no chance to stop its
+    # workers: they notice on their own, drain and free the port.
+    proc, port = supervisor
+    pids = await worker_pids(port, 2)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_until(lambda: not any(alive(p) for p in pids), 15, "orphaned workers gone")
+    assert not port_open(port)
+
+
 def two_free_ports() -> int:
     """A port p with p + 1 free too (checked by binding both)."""
     for _ in range(50):
