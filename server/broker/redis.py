@@ -52,6 +52,9 @@ POOL_SIZE = 64
 CLUSTER_POOL_SIZE = 1024
 # Script calls sent in one pipeline at most.
 PIPELINE_MAX = 512
+# A publication Redis has had this long and a node has not seen is lost; a
+# younger one may still be on its way over pub/sub (seconds).
+IN_FLIGHT_GRACE = 1.0
 
 log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
@@ -413,6 +416,8 @@ class RedisBroker:
         self._handler: BrokerHandler | None = None
         self._subscribed: set[str] = set()
         self._last: dict[str, StreamPosition] = {}
+        # Per channel: the position Redis reported at a periodic check, and when.
+        self._marks: dict[str, tuple[StreamPosition, float]] = {}
         self._held: dict[str, list[Publication]] = {}
         self._local_presence: dict[tuple[str, str], bytes] = {}
         self._tasks = BackgroundTasks(log, "redis broker step")
@@ -617,6 +622,7 @@ class RedisBroker:
             if channel in self._subscribed and channel not in self._pending_sub:
                 self._subscribed.discard(channel)
                 self._last.pop(channel, None)
+                self._marks.pop(channel, None)
                 gone.setdefault(self._pubsub(channel), []).append(self.pubsub_name(channel))
         for pubsub, names in gone.items():
             with contextlib.suppress(*_REDIS_ERRORS):
@@ -749,11 +755,19 @@ class RedisBroker:
         finally:
             self._held.pop(channel, None)
 
-    async def resync(self, pubsub: _PubSub) -> None:
+    async def resync(self, pubsub: _PubSub, *, periodic: bool = False) -> None:
         """Compare the position in Redis of every channel that ``pubsub``
-        carries with what was delivered, and fill what is missing (after a
-        reconnect, and periodically)."""
+        carries with what was delivered, and fill what is missing.
+
+        After a reconnect, whatever Redis has and this node has not seen is
+        filled at once. The periodic check must not take publications still
+        on their way for lost ones (a burst of hundreds is committed in one
+        pipeline and arrives a moment later; filling it would also find it
+        past a short history and tell every subscriber to recover). So it
+        judges the position it read at least ``IN_FLIGHT_GRACE`` seconds
+        earlier: what Redis had then and this node still lacks is lost."""
         channels = [c for c in self._subscribed if self._pubsub(c) is pubsub]
+        now = asyncio.get_running_loop().time()
         for i in range(0, len(channels), 500):
             chunk = channels[i : i + 500]
             positions = await self._positions(self._shard(chunk[0]), chunk)
@@ -761,14 +775,25 @@ class RedisBroker:
                 last = self._last.get(channel)
                 if last is None or channel in self._held:
                     continue
-                if top.epoch != last.epoch or top.offset > last.offset:
+                target = top
+                if periodic:
+                    mark = self._marks.get(channel)
+                    if mark is not None and now - mark[1] < IN_FLIGHT_GRACE:
+                        continue  # too recent to judge yet
+                    self._marks[channel] = (top, now)
+                    if mark is None:
+                        continue
+                    target = mark[0]
+                    if target.epoch != last.epoch and top.epoch == last.epoch:
+                        continue  # an older stream's mark; this one is current
+                if target.epoch != last.epoch or target.offset > last.offset:
                     self._held[channel] = []
-                    self.spawn(self._fill(channel, target=top))
+                    self.spawn(self._fill(channel, target=target))
 
     async def _check_positions(self) -> None:
         for shard in self.shards:
             for pubsub in shard.pubsubs.values():
-                await self.resync(pubsub)
+                await self.resync(pubsub, periodic=True)
 
     # ---- presence -------------------------------------------------------
 

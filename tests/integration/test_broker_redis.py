@@ -269,3 +269,43 @@ async def test_close_ends_a_reader_that_swallows_its_cancellation(
     await eventually(lambda: len(calls) > 1)  # the reader is in it now
     await asyncio.wait_for(b.close(), 10)
     assert pubsub.reader is not None and pubsub.reader.done()
+
+
+async def test_publications_on_their_way_are_not_taken_for_a_gap(
+    redis_url: str, prefix: str, handler: GapHandler
+) -> None:
+    # A burst is committed in Redis at once and reaches a busy node's pub/sub
+    # reader a moment later. Position checks in that moment must not take it
+    # for lost: filled from a 10-entry history, it would be reported
+    # unrecoverable and every subscriber told to recover.
+    publisher = RedisBroker(redis_url, prefix=prefix)
+    receiver = RedisBroker(redis_url, prefix=prefix, position_check_interval=0.01)
+    await publisher.start(handler)
+    receiver_handler = GapHandler()
+    await receiver.start(receiver_handler)
+    in_transit: list[tuple[str, bytes]] = []
+    checks = []
+    real_on_message, real_positions = receiver.on_message, receiver._positions
+
+    async def counting_positions(*args: Any) -> Any:
+        checks.append(1)
+        return await real_positions(*args)
+
+    try:
+        await receiver.subscribe("wave")
+        receiver.on_message = lambda name, message: in_transit.append((name, message))  # type: ignore[method-assign]
+        receiver._positions = counting_positions  # type: ignore[method-assign]
+        for i in range(100):
+            await publisher.publish("wave", b"%d" % i, info=None, history=KEEP)
+        await eventually(lambda: len(in_transit) == 100 and len(checks) >= 10)
+        receiver.on_message = real_on_message  # type: ignore[method-assign]
+        for name, message in in_transit:
+            receiver.on_message(name, message)
+        await eventually(
+            lambda: len(receiver_handler.pubs) >= 100 or bool(receiver_handler.unrecoverable)
+        )
+        assert receiver_handler.unrecoverable == []
+        assert [p.offset for p in receiver_handler.pubs] == list(range(1, 101))
+    finally:
+        await receiver.close()
+        await publisher.close()
