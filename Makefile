@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps services clean bench bench-idle bench-fanout bench-workers bench-http bench-storm bench-deps
+.PHONY: run test lint system-deps services clean bench bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -58,7 +58,7 @@ bench-deps: $(STAMP) $(BENCH_STAMP)
 	@scripts/install-system-deps.sh bench
 	$(BIN)/pip install --quiet -e '.[bench]'
 
-bench: bench-fanout bench-idle bench-workers bench-http bench-storm
+bench: bench-fanout bench-idle bench-workers bench-scale bench-http bench-storm
 
 bench-fanout: bench-deps
 	$(BIN)/python -m bench.run --name fanout-burst --subscribers 100,1000 --publications 1000 $(BENCH_ARGS)
@@ -73,6 +73,12 @@ bench-idle: bench-deps
 
 bench-workers: bench-deps
 	$(BIN)/python -m bench.run --name workers --peers squall,squall_redis,squall_2workers --subscribers 1000 --publications 1000 $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name workers-rate --peers squall,squall_redis,squall_2workers --subscribers 1000 --publications 100 --rate 10 $(BENCH_ARGS)
+
+# 50,000 connections: four workers on Redis, four generator processes (no
+# process here may hold more than 20,000 sockets).
+bench-scale: bench-deps
+	$(BIN)/python -m bench.scale --connections 50000 --workers 4 --generators 4 --publications 60 --rate 1 $(BENCH_ARGS)
 
 bench-http: bench-deps
 	$(BIN)/python -m bench.http $(BENCH_ARGS)

@@ -175,7 +175,8 @@ def stop_peer(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=30)
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        # A supervisor waits up to drain_grace + 5 s (15 s) for its workers.
+        proc.wait(timeout=40)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -17,16 +17,17 @@ SEQ = re.compile(rb'"n":(\d+)')
 SENT = re.compile(rb'"t":([0-9.]+)')
 
 
-def frame(text: bytes) -> bytes:
-    """A masked client text frame."""
+def frame(text: bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame (text unless ``opcode`` says otherwise)."""
     mask = os.urandom(4)
     n = len(text)
+    first = 0x80 | opcode
     if n < 126:
-        head = bytes([0x81, 0x80 | n])
+        head = bytes([first, 0x80 | n])
     elif n < 65536:
-        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", n)
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", n)
     else:
-        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", n)
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", n)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
     return head + mask + masked
 
@@ -104,6 +105,10 @@ class Subscriber(asyncio.Protocol):
                     if not self.hello:
                         self.ready()
                 self.on_text(buf[pos + head : pos + head + b1])
+            elif opcode == 0x9 and self.transport is not None:
+                # Answer pings, as a browser does: a run longer than the
+                # server's ping interval must not be dropped for silence.
+                self.transport.write(frame(buf[pos + head : pos + head + b1], 0xA))
             pos += head + b1
         self.buf = buf[pos:]
 
