@@ -220,6 +220,11 @@ class _PubSub:
                     fut.set_result(None)
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _GroupCommit:
     """Calls of one script on one Redis server, sent in pipelines: everything
     asked while one pipeline is out goes in the next. One pipeline is in
@@ -247,6 +252,10 @@ class _GroupCommit:
         if waiting is not None:
             return asyncio.shield(waiting[2])
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._share:
+            # Its callers wait through shields; if all of them give up, its
+            # error is nobody's to read (and must not be logged as lost).
+            fut.add_done_callback(_consume)
         self._waiting[key] = (keys, args, fut)
         if not self._running:
             self._running = True
