@@ -340,12 +340,12 @@ class Session:
         return self.state is State.CONNECTED and self.node.broker.ordered_publish
 
     async def _begin_publish(self, command: protocol.Command) -> None:
+        if self._inflight is not None and len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
+            await asyncio.wait((self._inflight[0],))
+            self._send_answered()  # may empty the queue (and drop it)
         inflight = self._inflight
         if inflight is None:
             inflight = self._inflight = collections.deque()
-        elif len(inflight) >= MAX_INFLIGHT_PUBLISHES:
-            await asyncio.wait((inflight[0],))
-            self._send_answered()
         task = asyncio.get_running_loop().create_task(self._answer(command))
         task.add_done_callback(self._send_answered)
         inflight.append(task)

@@ -150,9 +150,16 @@ async def test_redis_down_publish_fails_clearly_clients_stay_and_recover(
         redis.stop()
 
 
+@pytest.mark.parametrize("in_flight", [256, 4])
 async def test_a_burst_of_publishes_is_answered_in_order_and_delivered_together(
-    make_server: ServerFactory, redis_config: dict[str, Any]
+    make_server: ServerFactory,
+    redis_config: dict[str, Any],
+    in_flight: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # With a small in-flight limit the session keeps stopping for the oldest
+    # publishes, often when a whole pipeline of them was answered at once.
+    monkeypatch.setattr("server.session.MAX_INFLIGHT_PUBLISHES", in_flight)
     # A client that sends many publishes at once does not wait a Redis round
     # trip for each: they go out together, keep their order, and reach the
     # other node's subscriber in a few frames, not one per publication.
