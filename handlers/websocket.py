@@ -270,7 +270,10 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self._transport
         if self._closing or transport is None:
             raise ConnectionClosing("connection is closing")
-        transport.write(self._registry.frames.build(items))
+        frames = self._registry.frames
+        # A fan-out hands every subscriber the same list: then it is the
+        # frame just built, found by identity.
+        transport.write(frames.frame if items is frames.items else frames.build(items))
         if not self._write_paused:
             return None
         if self._drain is None:

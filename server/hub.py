@@ -12,13 +12,14 @@ from server import protocol
 from server.models import Publication
 
 if TYPE_CHECKING:
-    from server.session import Session
+    from server.session import Flusher, Session
 
 
 class Hub:
-    __slots__ = ("_channels",)
+    __slots__ = ("_channels", "_flusher")
 
-    def __init__(self) -> None:
+    def __init__(self, flusher: Flusher) -> None:
+        self._flusher = flusher
         # dict as an insertion-ordered set: iteration is cheap and stable.
         self._channels: dict[str, dict[Session, None]] = {}
 
@@ -47,11 +48,7 @@ class Hub:
         subs = self._channels.get(pub.channel)
         if not subs:
             return 0
-        message = protocol.pub_push(pub)
-        channel = pub.channel
-        offset = pub.offset
-        for session in subs:
-            session.push_pub(channel, offset, message)
+        self._flusher.fan_out(subs, pub.channel, pub.offset, protocol.pub_push(pub))
         return len(subs)
 
     def broadcast(self, channel: str, message: bytes, *, skip_client: str = "") -> int:

@@ -129,9 +129,9 @@ class Node:
                 batch_size=settings.search.batch_size,
                 interval=settings.search.interval,
             )
-        self.hub = Hub()
-        self.flusher = Flusher()
         self.metrics = Metrics(self)
+        self.flusher = Flusher(self.metrics)
+        self.hub = Hub(self.flusher)
         self.sessions: dict[str, Session] = {}
         self.users: dict[str, dict[Session, None]] = {}
         self.draining = False

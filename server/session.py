@@ -21,7 +21,7 @@ import collections
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +31,7 @@ from server.errors import Disconnect, SquallError
 from server.models import ClientInfo, StreamPosition
 
 if TYPE_CHECKING:
+    from server.metrics import Metrics
     from server.node import Node
 
 # Publishes of one client in flight at once (pipelined brokers only); past
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 MAX_INFLIGHT_PUBLISHES = 256
 
 log = logging.getLogger("squall.session")
+
+# The empty send queue, shared by every session (never appended to).
+_NOTHING: list[bytes] = []
 
 
 class Transport(Protocol):
@@ -47,7 +51,9 @@ class Transport(Protocol):
 
     def send(self, items: list[bytes]) -> Awaitable[None] | None:
         """Write the messages in one go. Return None when they are flushed to
-        the socket, or an awaitable that completes when they are."""
+        the socket, or an awaitable that completes when they are. ``items``
+        may be the very list other sessions are given: read it, never change
+        it."""
         ...
 
     def close(self, disconnect: Disconnect) -> None:
@@ -62,30 +68,98 @@ class State(IntEnum):
     CLOSED = 2
 
 
+# Module constants for the per-delivery loops (a global load, not an
+# attribute lookup on the enum class).
+_CONNECTED = State.CONNECTED
+_CLOSED = State.CLOSED
+
+
 class Flusher:
-    """Writes every session's queued messages once per loop iteration, so a
-    burst of publications to one client costs one write, not one each."""
+    """The send side of every session of this process.
 
-    __slots__ = ("_loop", "_pending", "_scheduled")
+    Sessions with something queued are written once per loop iteration, so a
+    burst of publications to one client costs one write, not one each.
+    ``fan_out`` and ``_write`` run once per delivery: they reach into the
+    sessions' send queues directly rather than through a method call each.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_loop", "_pending", "_scheduled", "metrics")
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._pending: list[Session] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = metrics
 
     def mark(self, session: Session) -> None:
         self._pending.append(session)
         if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._run)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self._run)
+
+    def fan_out(
+        self, sessions: Iterable[Session], channel: str, offset: int, message: bytes
+    ) -> None:
+        """Queue one publication for each of ``sessions``. The usual case, a
+        connected session with nothing queued, gets the one list every
+        subscriber shares (so the transport's frame cache matches it by
+        identity); any other goes through ``Session.push_pub``."""
+        shared = [message]
+        size = len(message)
+        pending = self._pending
+        for session in sessions:
+            if (
+                session._queue
+                or session._buffering is not None
+                or session.state is not _CONNECTED
+                or size > session._max_bytes
+            ):
+                session.push_pub(channel, offset, message)
+                continue
+            session._queue = shared
+            session._shared = True
+            session._qbytes = size
+            if not session._pending:
+                session._pending = True
+                pending.append(session)
+        if pending and not self._scheduled:
+            self._schedule()
 
     def _run(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        for session in pending:
-            session.flush()
+        written = self._write(pending)
+        if self.metrics is not None:
+            self.metrics.messages_out += written
+
+    def _write(self, sessions: list[Session]) -> int:
+        """Write each session's queue in one transport write; returns how
+        many messages went out."""
+        written = 0
+        for session in sessions:
+            session._pending = False
+            items = session._queue
+            if not items or session._writing or session.state is _CLOSED:
+                continue
+            session._queue = _NOTHING
+            session._shared = True
+            session._qbytes = 0
+            try:
+                waiter = session.transport.send(items)
+            except Exception:
+                log.debug("write failed for %s", session.client_id, exc_info=True)
+                session.disconnect(errors.WRITE_ERROR, flush=False)
+                continue
+            written += len(items)
+            if waiter is not None:
+                session._writing = True
+                asyncio.ensure_future(waiter).add_done_callback(session._on_written)
+        return written
 
 
 class _RateLimiter:
@@ -145,6 +219,7 @@ class Session:
         "_pending",
         "_qbytes",
         "_queue",
+        "_shared",
         "_timer",
         "_token_channels",
         "_writing",
@@ -175,7 +250,10 @@ class Session:
         # The send-queue limits, read once: send() runs per delivery.
         self._max_bytes = limits.send_queue_bytes
         self._max_messages = limits.send_queue_messages
-        self._queue: list[bytes] = []
+        # An empty queue is the shared _NOTHING; _shared means the list is not
+        # this session's own and is copied before an append.
+        self._queue: list[bytes] = _NOTHING
+        self._shared = True
         self._qbytes = 0
         self._pending = False
         self._writing = False
@@ -214,11 +292,19 @@ class Session:
 
     def send(self, message: bytes) -> None:
         """Queue one encoded message; disconnect with SLOW past the limits."""
-        if self.closed:
+        if self.state is State.CLOSED:
             return
-        self._queue.append(message)
+        if self._shared:
+            # Empty (the shared _NOTHING), or the list a fan-out gave all its
+            # subscribers: copy on write. (A list once handed to a transport
+            # is never changed: its frame cache matches lists by identity.)
+            self._queue = queue = [*self._queue, message]
+            self._shared = False
+        else:
+            queue = self._queue
+            queue.append(message)
         self._qbytes += len(message)
-        if self._qbytes > self._max_bytes or len(self._queue) > self._max_messages:
+        if self._qbytes > self._max_bytes or len(queue) > self._max_messages:
             self.node.metrics.slow_disconnects += 1
             self.disconnect(errors.SLOW, flush=False)
             return
@@ -227,36 +313,23 @@ class Session:
             self.node.flusher.mark(self)
 
     def push_pub(self, channel: str, offset: int, message: bytes) -> None:
-        """A publication from the hub. While the channel's subscription is
-        being set up, it waits in a buffer so nothing slips between the
-        recovered history and the live stream."""
+        """A publication from the hub (``Flusher.fan_out``). While the
+        channel's subscription is being set up, it waits in a buffer so
+        nothing slips between the recovered history and the live stream."""
         buffering = self._buffering
         if buffering is not None:
             held = buffering.get(channel)
             if held is not None:
                 held.append((offset, message))
                 if len(held) > self._max_messages:
+                    self.node.metrics.slow_disconnects += 1
                     self.disconnect(errors.SLOW, flush=False)
                 return
         self.send(message)
 
-    def flush(self) -> None:
-        self._pending = False
-        if self._writing or not self._queue or self.closed:
-            return
-        items = self._queue
-        self._queue = []
-        self._qbytes = 0
-        try:
-            waiter = self.transport.send(items)
-        except Exception:
-            log.debug("write failed for %s", self.client_id, exc_info=True)
-            self.disconnect(errors.WRITE_ERROR, flush=False)
-            return
-        self.node.metrics.messages_out += len(items)
-        if waiter is not None:
-            self._writing = True
-            asyncio.ensure_future(waiter).add_done_callback(self._on_written)
+    def flush(self) -> int:
+        """Write what is queued now; returns how many messages went out."""
+        return self.node.flusher._write([self])
 
     def _on_written(self, fut: asyncio.Future[None]) -> None:
         self._writing = False
@@ -274,9 +347,10 @@ class Session:
         if self.closed:
             return
         if flush and self._queue and not self._writing:
-            self.flush()
+            self.node.metrics.messages_out += self.flush()
         self.state = State.CLOSED
-        self._queue = []
+        self._queue = _NOTHING
+        self._shared = True
         self._qbytes = 0
         self.node.metrics.count_disconnect(disconnect)
         try:
@@ -289,7 +363,8 @@ class Session:
         """The transport saw the connection go (the peer left, or we closed)."""
         if not self.closed:
             self.state = State.CLOSED
-            self._queue = []
+            self._queue = _NOTHING
+            self._shared = True
         self._teardown()
 
     def _teardown(self) -> None:

@@ -12,7 +12,8 @@ import struct
 import orjson
 import pytest
 
-from server import errors, wsframe
+from server import errors, protocol, wsframe
+from server.models import ClientInfo, Publication
 from tests.conftest import Running, ServerFactory, wait_for
 from tests.unit.test_wsframe import client_frame
 
@@ -218,3 +219,47 @@ async def test_a_flood_of_commands_is_read_as_fast_as_it_is_handled(
         _, payload = await raw.frame()
         ids += [orjson.loads(line)["id"] for line in payload.split(b"\n")]
     assert ids == list(range(2, 2002))
+
+
+async def test_a_fan_out_shares_one_frame_but_never_another_sessions_messages(
+    server: Running,
+) -> None:
+    # The subscribers of a publication are handed one shared queue and one
+    # frame; a message for one of them alone, queued in the same loop
+    # iteration, must reach only that one, and in order.
+    alice = await server.connected("alice")
+    bob = await server.connected("bob")
+    for client in (alice, bob):
+        assert "result" in await client.call("subscribe", {"channel": "news"})
+    node = server.node
+    only_alice = next(s for s in node.sessions.values() if s.user == "alice")
+    note = protocol.join_push("news", ClientInfo("x", "only-for-alice"))
+    out_before = node.metrics.messages_out
+
+    def pub(offset: int) -> Publication:
+        return Publication("news", offset, "e1", orjson.dumps({"n": offset}))
+
+    # One loop iteration: a publication, a message to alice, a publication.
+    node.on_publication(pub(1))
+    only_alice.send(note)
+    node.on_publication(pub(2))
+    a_frames, b_frames = alice.frames, bob.frames
+    assert (await alice.recv())["pub"]["offset"] == 1
+    assert (await alice.recv())["info"]["user"] == "only-for-alice"
+    assert (await alice.recv())["pub"]["offset"] == 2
+    assert [(await bob.recv())["pub"]["offset"] for _ in range(2)] == [1, 2]
+    assert (alice.frames - a_frames, bob.frames - b_frames) == (1, 1), "one frame each"
+    assert node.metrics.messages_out - out_before == 5
+
+    # The next publication goes out alone (no stale shared frame), and a
+    # message to alice alone reaches nobody else.
+    node.on_publication(pub(3))
+    for client in (alice, bob):
+        assert (await client.recv())["pub"]["offset"] == 3
+    only_alice.send(note)
+    await asyncio.sleep(0)
+    node.on_publication(pub(4))
+    assert (await alice.recv())["info"]["user"] == "only-for-alice"
+    assert (await alice.recv())["pub"]["offset"] == 4
+    assert (await bob.recv())["pub"]["offset"] == 4
+    assert not alice.inbox and not bob.inbox
