@@ -1,7 +1,7 @@
 # One command for each job; CI runs the same ones (.ci/run).
 #   make run    set up a virtualenv, install Squall, serve on :8000 (embedded defaults)
 #   make test   install what the tests need (system packages too) and run every test
-#   make lint   ruff and mypy on server/ and handlers/
+#   make lint   ruff on server/ handlers/ tests/ bench/, mypy on server/ and handlers/
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -39,8 +39,8 @@ test: system-deps $(STAMP) $(JS_STAMP) services
 	$(BIN)/pytest --cov=server --cov=handlers --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check server handlers tests
-	$(BIN)/ruff format --check server handlers tests
+	$(BIN)/ruff check server handlers tests bench
+	$(BIN)/ruff format --check server handlers tests bench
 	$(BIN)/mypy
 
 clean:

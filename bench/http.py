@@ -81,8 +81,9 @@ def one_run(peer: str, endpoint: str, seconds: int) -> HttpResult:
             cpu0 = cpu_seconds(proc.pid)
             rps, p50, p99, errors, total = run_wrk(url, seconds, script)
             cpu = cpu_seconds(proc.pid) - cpu0
-            return HttpResult(peer, endpoint, rps, p50, p99,
-                              round(cpu * 1e6 / max(total, 1), 2), errors)  # fmt: skip
+            return HttpResult(
+                peer, endpoint, rps, p50, p99, round(cpu * 1e6 / max(total, 1), 2), errors
+            )
         finally:
             stop_peer(proc)
 
@@ -92,16 +93,19 @@ def summarize(results: list[HttpResult]) -> str:
     for r in results:
         groups.setdefault((r.endpoint, r.peer), []).append(r)
     lines = [
-        "| endpoint | peer | requests/s (median, range) | p50 ms | p99 ms | CPU µs/request | non-2xx |",
+        "| endpoint | peer | requests/s (median, range) | p50 ms | p99 ms"
+        " | CPU µs/request | non-2xx |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (endpoint, peer), rs in sorted(groups.items()):
         rps = [r.requests_per_s for r in rs]
         lines.append(
-            f"| {endpoint} | {peer} | {statistics.median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) "
+            f"| {endpoint} | {peer} "
+            f"| {statistics.median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) "
             f"| {statistics.median(r.p50_ms for r in rs):.2f} "
             f"| {statistics.median(r.p99_ms for r in rs):.2f} "
-            f"| {statistics.median(r.cpu_us_per_request for r in rs):.1f} | {sum(r.errors for r in rs)} |"
+            f"| {statistics.median(r.cpu_us_per_request for r in rs):.1f} "
+            f"| {sum(r.errors for r in rs)} |"
         )
     return "\n".join(lines)
 
@@ -113,15 +117,22 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is missing: make bench-deps installs it (apt-get install wrk)")
-    plan = [("squall", "GET /status"), ("plain_tornado", "GET /status"), ("squall", "GET /health"),
-            ("squall", "POST /api/publish"), ("plain_tornado", "POST /api/publish")]  # fmt: skip
+    plan = [
+        ("squall", "GET /status"),
+        ("plain_tornado", "GET /status"),
+        ("squall", "GET /health"),
+        ("squall", "POST /api/publish"),
+        ("plain_tornado", "POST /api/publish"),
+    ]
     results = []
     for rep in range(args.reps):
         for peer, endpoint in plan:
             r = one_run(peer, endpoint, args.seconds)
-            print(f"{peer:14} {endpoint:18} rep={rep} {r.requests_per_s:10,.0f} req/s "
-                  f"p99={r.p99_ms:.2f}ms {r.cpu_us_per_request:.1f} µs/req errors={r.errors}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{peer:14} {endpoint:18} rep={rep} {r.requests_per_s:10,.0f} req/s "
+                f"p99={r.p99_ms:.2f}ms {r.cpu_us_per_request:.1f} µs/req errors={r.errors}",
+                flush=True,
+            )
             results.append(r)
             time.sleep(0.5)
     print(

@@ -63,15 +63,17 @@ async def open_subscribed(peer: str, port: int, count: int, first: int) -> list[
 
     def make(i: int) -> Subscriber:
         path = PEERS[peer].path
-        return Subscriber(path, host, hello(peer, f"u{i}"), seq, None, one_ready,
-                          bool(PEERS[peer].hello))  # fmt: skip
+        return Subscriber(
+            path, host, hello(peer, f"u{i}"), seq, None, one_ready, bool(PEERS[peer].hello)
+        )
 
     for i in range(first, first + count):
         # One source address has ~28,000 ephemeral ports: past that, connect
         # from further loopback addresses (127.0.0.2, ...; still this machine).
         source = (f"127.0.0.{2 + i // 20000}", 0)
-        _, proto = await loop.create_connection(lambda i=i: make(i), "127.0.0.1", port,
-                                                local_addr=source)  # fmt: skip
+        _, proto = await loop.create_connection(
+            lambda i=i: make(i), "127.0.0.1", port, local_addr=source
+        )
         subs.append(proto)
         if i % 200 == 0:
             await asyncio.sleep(0)  # let handshakes progress
@@ -106,8 +108,14 @@ async def one_run(peer: str, connections: int) -> IdleResult:
             for s in [*warm, *subs]:
                 if s.transport is not None:
                     s.transport.close()
-            return IdleResult(peer, connections, before, after,
-                              round((after - before) / connections, 2), round(took, 2))  # fmt: skip
+            return IdleResult(
+                peer,
+                connections,
+                before,
+                after,
+                round((after - before) / connections, 2),
+                round(took, 2),
+            )
         finally:
             stop_peer(proc)
 
@@ -116,8 +124,11 @@ def summarize(results: list[IdleResult]) -> str:
     groups: dict[tuple[str, int], list[IdleResult]] = {}
     for r in results:
         groups.setdefault((r.peer, r.connections), []).append(r)
-    raw = {n: statistics.median(x.kb_per_connection for x in rs)
-           for (p, n), rs in groups.items() if p == "raw_asyncio"}  # fmt: skip
+    raw = {
+        n: statistics.median(x.kb_per_connection for x in rs)
+        for (p, n), rs in groups.items()
+        if p == "raw_asyncio"
+    }
     lines = [
         "| peer | connections | KB per idle subscribed connection (median) | range | x raw"
         " | connect s |",

@@ -35,7 +35,7 @@ from typing import Any
 
 import uvloop
 
-from bench.wsproto import OFFSET, SEQ, Subscriber, frame
+from bench.wsproto import OFFSET, SEQ, Subscriber, frame, until
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -86,8 +86,10 @@ def raise_fd_limit(want: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
     except (ValueError, OSError):
         if want > hard:
-            sys.exit(f"bench: {want:,} open files needed, the hard limit is {hard:,} and this "
-                     "process may not raise it (CAP_SYS_RESOURCE; ulimit -Hn)")  # fmt: skip
+            sys.exit(
+                f"bench: {want:,} open files needed, the hard limit is {hard:,} and this "
+                "process may not raise it (CAP_SYS_RESOURCE; ulimit -Hn)"
+            )
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
@@ -115,16 +117,20 @@ class Peer:
     wrap: tuple[bytes, bytes] = (b"", b"")  # around a publication's JSON
 
 
-_SOCKETIO = dict(path="/socket.io/?EIO=4&transport=websocket", sub=(b"40", b'42["sub"]'),
-                 hello=(b"40",), wrap=(b'42["pub",', b"]"))  # fmt: skip
+_SOCKETIO = dict(
+    path="/socket.io/?EIO=4&transport=websocket",
+    sub=(b"40", b'42["sub"]'),
+    hello=(b"40",),
+    wrap=(b'42["pub",', b"]"),
+)
 PEERS: dict[str, Peer] = {
     "raw_asyncio": Peer((sys.executable, "bench/peers/raw_asyncio.py", "{port}")),
     "plain_tornado": Peer((sys.executable, "bench/peers/plain_tornado.py", "{port}")),
-    "python_socketio": Peer((sys.executable, "bench/peers/python_socketio.py", "{port}"),
-                            **_SOCKETIO),  # type: ignore[arg-type]  # fmt: skip
+    "python_socketio": Peer(
+        (sys.executable, "bench/peers/python_socketio.py", "{port}"), **_SOCKETIO
+    ),  # type: ignore[arg-type]
     "node_ws": Peer(("node", "bench/node/node_ws.mjs", "{port}")),
-    "node_socketio": Peer(("node", "bench/node/node_socketio.mjs", "{port}"),
-                          **_SOCKETIO),  # type: ignore[arg-type]  # fmt: skip
+    "node_socketio": Peer(("node", "bench/node/node_socketio.mjs", "{port}"), **_SOCKETIO),  # type: ignore[arg-type]
     "squall": Peer((sys.executable, "-m", "server", "serve", "--port", "{port}")),
 }
 # Squall on Redis: one process, and two workers (CPU counts every Squall
@@ -133,15 +139,24 @@ PEERS["squall_redis"] = PEERS["squall_2workers"] = PEERS["squall"]
 DEFAULT_PEERS = "raw_asyncio,plain_tornado,python_socketio,node_ws,node_socketio,squall"
 
 
-def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None,
-               args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:  # fmt: skip
+def start_peer(
+    peer: str,
+    port: int,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     cmd = [c.replace("{port}", str(port)) for c in PEERS[peer].cmd] + list(args)
     if peer.startswith("squall"):
         config = workdir / "bench.toml"
         config.write_text(SQUALL_CONFIG)
-        env.update(SQUALL_TOKEN_SECRET=SECRET, SQUALL_API_KEY=API_KEY, SQUALL_LOG_LEVEL=os.environ.get("SQUALL_LOG_LEVEL", "warning"))
+        env.update(
+            SQUALL_TOKEN_SECRET=SECRET,
+            SQUALL_API_KEY=API_KEY,
+            SQUALL_LOG_LEVEL=os.environ.get("SQUALL_LOG_LEVEL", "warning"),
+        )
         cmd += ["--config", str(config), "--data-dir", str(workdir / "data")]
         if "--workers" in args:
             pin = []  # one worker per core
@@ -149,7 +164,17 @@ def start_peer(peer: str, port: int, workdir: Path, extra_env: dict[str, str] | 
             # Flame graph of the server's own hot path (py-spy samples it from
             # outside; the CPU figures of a profiled run are not comparable).
             out = RESULTS / f"flame-{PROFILE}.svg"
-            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "250", "-o", str(out), "--", *cmd]
+            cmd = [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--nonblocking",
+                "-r",
+                "250",
+                "-o",
+                str(out),
+                "--",
+                *cmd,
+            ]
     proc = subprocess.Popen([*pin, *cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     import socket
@@ -199,7 +224,9 @@ def hello(peer: str, user: str, channel: str = "") -> list[bytes]:
         return sub
     name = f"bench:{channel}" if channel else "bench:fanout"
     return [
-        json.dumps({"id": 1, "method": "connect", "params": {"token": squall_token(user)}}).encode(),
+        json.dumps(
+            {"id": 1, "method": "connect", "params": {"token": squall_token(user)}}
+        ).encode(),
         b'{"id":2,"method":"subscribe","params":{"channel":"%s"}}' % name.encode(),
     ]
 
@@ -213,7 +240,9 @@ def publisher_hello(peer: str) -> list[bytes]:
 def message(peer: str, n: int, pad: str, channel: str = "") -> bytes:
     """Publication ``n`` (its number within its channel; 0: a warm-up) to
     ``channel`` (c17, ...) or, when empty, to the one fan-out channel."""
-    data: dict[str, Any] = {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
+    data: dict[str, Any] = (
+        {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
+    )
     if peer.startswith("squall"):
         name = f"bench:{channel}" if channel else "bench:fanout"
         body = {"id": 10 + n, "method": "publish", "params": {"channel": name, "data": data}}
@@ -226,8 +255,16 @@ def message(peer: str, n: int, pad: str, channel: str = "") -> bytes:
     return before + json.dumps(data, separators=(",", ":")).encode() + after
 
 
-async def one_run(peer: str, subscribers: int, publications: int, rate: float, size: int,
-                  burst: int = 1, scenario: str = "fanout", channels: int = 0) -> Result:  # fmt: skip
+async def one_run(
+    peer: str,
+    subscribers: int,
+    publications: int,
+    rate: float,
+    size: int,
+    burst: int = 1,
+    scenario: str = "fanout",
+    channels: int = 0,
+) -> Result:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -249,8 +286,19 @@ async def one_run(peer: str, subscribers: int, publications: int, rate: float, s
                 def pids() -> list[int]:
                     return [proc.pid, *descendants(proc.pid), *extra]
 
-                return await _measure(loop, peer, port, pids, subscribers, publications, rate,
-                                      size, burst, scenario, channels)  # fmt: skip
+                return await _measure(
+                    loop,
+                    peer,
+                    port,
+                    pids,
+                    subscribers,
+                    publications,
+                    rate,
+                    size,
+                    burst,
+                    scenario,
+                    channels,
+                )
             finally:
                 stop_peer(proc)
         finally:
@@ -270,10 +318,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
-                   pids: Callable[[], list[int]], subscribers: int, publications: int,
-                   rate: float, size: int, burst: int, scenario: str,
-                   channels: int = 0) -> Result:  # fmt: skip
+async def _measure(
+    loop: asyncio.AbstractEventLoop,
+    peer: str,
+    port: int,
+    pids: Callable[[], list[int]],
+    subscribers: int,
+    publications: int,
+    rate: float,
+    size: int,
+    burst: int,
+    scenario: str,
+    channels: int = 0,
+) -> Result:
     """Subscribe, warm up, publish, count; CPU of every process ``pids()``
     names (read when the measurement starts)."""
     ports = [port]
@@ -301,9 +358,11 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
         lat = latencies if i % every == 0 else None
         p = ports[i % len(ports)]
         _, protocol = await loop.create_connection(
-            lambda i=i, lat=lat, p=p: Subscriber(path, f"127.0.0.1:{p}", hello(peer, f"u{i}", chan(i)),
-                                                 seq, lat, one_ready, stepwise),  # fmt: skip
-            "127.0.0.1", p,
+            lambda i=i, lat=lat, p=p: Subscriber(
+                path, f"127.0.0.1:{p}", hello(peer, f"u{i}", chan(i)), seq, lat, one_ready, stepwise
+            ),
+            "127.0.0.1",
+            p,
         )
         subs.append(protocol)
         if i % 500 == 499:
@@ -311,9 +370,11 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
     await asyncio.wait_for(ready.wait(), 60 + subscribers / 200)
     pub_ready = asyncio.Event()
     _, publisher = await loop.create_connection(
-        lambda: Subscriber(path, f"127.0.0.1:{port}", publisher_hello(peer), SEQ, None,
-                           pub_ready.set, stepwise),  # fmt: skip
-        "127.0.0.1", port,
+        lambda: Subscriber(
+            path, f"127.0.0.1:{port}", publisher_hello(peer), SEQ, None, pub_ready.set, stepwise
+        ),
+        "127.0.0.1",
+        port,
     )
     await asyncio.wait_for(pub_ready.wait(), 10)
     assert publisher.transport is not None
@@ -354,8 +415,9 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
     for n in range(1, publications + 1):
         # Round robin over the channels; ``n`` counts within each channel.
         c = (n - 1) % max(1, channels)
-        publisher.transport.write(frame(message(peer, (n - 1) // max(1, channels) + 1, pad,
-                                                chan(c))))  # fmt: skip
+        publisher.transport.write(
+            frame(message(peer, (n - 1) // max(1, channels) + 1, pad, chan(c)))
+        )
         if interval and n % burst == 0:
             delay = t0 + (n // burst) * interval - time.perf_counter()
             if delay > 0:
@@ -366,9 +428,7 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
     expected = per_sub * subscribers
     # A slow peer gets time to deliver everything (at 5,000 deliveries/s);
     # what has not arrived by then counts as lost.
-    deadline = time.perf_counter() + max(60.0, expected / 5000)
-    while sum(s.count for s in subs) < expected and time.perf_counter() < deadline:
-        await asyncio.sleep(0.005)
+    await until(lambda: sum(s.count for s in subs) >= expected, max(60.0, expected / 5000), 0.005)
     elapsed = time.perf_counter() - t0
     cpu = sum(cpu_seconds(pid) for pid in measured) - cpu0
     own = sum(os.times()[:2]) - own0
@@ -383,15 +443,24 @@ async def _measure(loop: asyncio.AbstractEventLoop, peer: str, port: int,
         return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3)
 
     return Result(
-        peer=peer, subscribers=subscribers, publications=publications, rate=rate,
-        deliveries=delivered, seconds=round(elapsed, 3),
+        peer=peer,
+        subscribers=subscribers,
+        publications=publications,
+        rate=rate,
+        deliveries=delivered,
+        seconds=round(elapsed, 3),
         deliveries_per_s=round(delivered / elapsed, 1),
         cpu_us_per_delivery=round(cpu * 1e6 / max(delivered, 1), 3),
-        p50_ms=pct(0.5), p99_ms=pct(0.99), p999_ms=pct(0.999),
-        lost=lost, duplicated=sum(s.dup for s in subs), client_bound=own > 0.9 * elapsed,
+        p50_ms=pct(0.5),
+        p99_ms=pct(0.99),
+        p999_ms=pct(0.999),
+        lost=lost,
+        duplicated=sum(s.dup for s in subs),
+        client_bound=own > 0.9 * elapsed,
         frames_per_delivery=round(sum(s.frames for s in subs) / max(delivered, 1), 3),
-        burst=burst, scenario=scenario if not channels else f"{scenario}, {channels:,} channels",
-    )  # fmt: skip
+        burst=burst,
+        scenario=scenario if not channels else f"{scenario}, {channels:,} channels",
+    )
 
 
 def summarize(results: list[Result]) -> str:
@@ -399,8 +468,11 @@ def summarize(results: list[Result]) -> str:
     groups: dict[tuple[Key, str], list[Result]] = {}
     for r in results:
         groups.setdefault(((r.scenario, r.subscribers, r.rate, r.burst), r.peer), []).append(r)
-    raw = {key: statistics.median(x.cpu_us_per_delivery for x in rs)
-           for (key, peer), rs in groups.items() if peer == "raw_asyncio"}  # fmt: skip
+    raw = {
+        key: statistics.median(x.cpu_us_per_delivery for x in rs)
+        for (key, peer), rs in groups.items()
+        if peer == "raw_asyncio"
+    }
     lines = [
         "| scenario | subscribers | rate | burst | peer | deliveries/s (median, range) "
         "| CPU µs/delivery (median, range) | × raw | frames/delivery | p50 ms | p99 ms | p99.9 ms "
@@ -440,8 +512,9 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "missing"
     try:
-        out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
-                                     timeout=10).stdout.strip()  # fmt: skip
+        out["node"] = subprocess.run(
+            ["node", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except OSError:
         out["node"] = "missing"
     for lib in ("ws", "socket.io"):
@@ -455,12 +528,20 @@ def main() -> None:
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"of: {', '.join(PEERS)}")
     parser.add_argument("--subscribers", default="100,1000")
     parser.add_argument("--publications", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=0, help="publications/s; 0: as fast as accepted")
-    parser.add_argument("--burst", type=int, default=1, help="at a rate: publications sent back to back")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="publications/s; 0: as fast as accepted"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=1, help="at a rate: publications sent back to back"
+    )
     parser.add_argument("--size", type=int, default=100, help="padding bytes per publication")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--channels", type=int, default=0,
-                        help="subscriber i takes channel i %% C; publications go round robin")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        help="subscriber i takes channel i %% C; publications go round robin",
+    )
     parser.add_argument("--scenario", default="", help="name in the results (default: from rate)")
     parser.add_argument("--name", default="fanout", help="results file: bench/results/<name>.md")
     parser.add_argument("--profile", default="", help="run Squall under py-spy: flame-NAME.svg")
@@ -480,18 +561,31 @@ def main() -> None:
         for rep in range(args.reps):
             for peer in peers:
                 try:
-                    r = uvloop.run(one_run(peer, n, args.publications, args.rate, args.size,
-                                           args.burst, scenario, args.channels))  # fmt: skip
+                    r = uvloop.run(
+                        one_run(
+                            peer,
+                            n,
+                            args.publications,
+                            args.rate,
+                            args.size,
+                            args.burst,
+                            scenario,
+                            args.channels,
+                        )
+                    )
                 except (RuntimeError, TimeoutError, OSError) as exc:
                     # One peer failing (too slow to take N subscribers, say)
                     # is a result too; the others still run.
                     print(f"{peer:16} subs={n:6} rep={rep} FAILED: {exc!r}", flush=True)
                     failures.append(f"{peer}, {n:,} subscribers: {exc!r}")
                     continue
-                print(f"{peer:16} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
-                      f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
-                      f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} dup={r.duplicated}"
-                      f"{' CLIENT-BOUND' if r.client_bound else ''}", flush=True)  # fmt: skip
+                print(
+                    f"{peer:16} subs={n:6} rep={rep} {r.deliveries_per_s:12,.0f}/s "
+                    f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
+                    f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} dup={r.duplicated}"
+                    f"{' CLIENT-BOUND' if r.client_bound else ''}",
+                    flush=True,
+                )
                 results.append(r)
     table = summarize(results)
     if failures:
@@ -499,15 +593,20 @@ def main() -> None:
     print(write_results(args.name, f"Fan-out ({scenario})", vars(args), results, table))
 
 
-def write_results(kind: str, title: str, args: dict[str, Any], results: list[Any],
-                  table: str) -> str:  # fmt: skip
+def write_results(
+    kind: str, title: str, args: dict[str, Any], results: list[Any], table: str
+) -> str:
     """bench/results/<kind>-<time>.json (every run) and <kind>.md (the table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta: dict[str, Any] = {
-        "time": stamp, "machine": platform.machine(), "cpus": os.cpu_count(),
-        "kernel": platform.release(), "versions": versions(), "args": args,
-    }  # fmt: skip
+        "time": stamp,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "versions": versions(),
+        "args": args,
+    }
     rows = [asdict(r) for r in results]
     (RESULTS / f"{kind}-{stamp}.json").write_text(
         json.dumps({"meta": meta, "results": rows}, indent=2)

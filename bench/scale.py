@@ -52,7 +52,7 @@ from bench.run import (
     stop_peer,
     write_results,
 )
-from bench.wsproto import OFFSET, Subscriber, frame
+from bench.wsproto import OFFSET, Subscriber, frame, until
 
 
 @dataclass
@@ -102,8 +102,9 @@ class Confirmed(Subscriber):
         super().on_text(payload)
 
 
-async def _generate(port: int, first: int, count: int, source: str,
-                    pipe: multiprocessing.connection.Connection) -> None:  # fmt: skip
+async def _generate(
+    port: int, first: int, count: int, source: str, pipe: multiprocessing.connection.Connection
+) -> None:
     loop = asyncio.get_running_loop()
     host = f"127.0.0.1:{port}"
     left = [count]
@@ -117,10 +118,19 @@ async def _generate(port: int, first: int, count: int, source: str,
     subs: list[Confirmed] = []
     for i in range(first, first + count):
         _, proto = await loop.create_connection(
-            lambda i=i: Confirmed(PEERS["squall"].path, host, hello("squall", f"u{i}"), OFFSET,
-                                  None, lambda: None, confirmed=one_confirmed),  # fmt: skip
-            "127.0.0.1", port, local_addr=(source, 0),
-        )  # fmt: skip
+            lambda i=i: Confirmed(
+                PEERS["squall"].path,
+                host,
+                hello("squall", f"u{i}"),
+                OFFSET,
+                None,
+                lambda: None,
+                confirmed=one_confirmed,
+            ),
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0),
+        )
         subs.append(proto)
         if i % 100 == 0:
             await asyncio.sleep(0)  # let handshakes progress
@@ -130,28 +140,37 @@ async def _generate(port: int, first: int, count: int, source: str,
         pass
     pipe.send(("subscribed", count - left[0]))
     # Wait for the parent: it publishes, then says how many to expect.
-    while not pipe.poll():
-        await asyncio.sleep(0.05)
+    if not await until(pipe.poll, 3600):
+        raise TimeoutError("the parent never said how many publications to expect")
     _, publications, timeout = pipe.recv()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(s.last < publications for s in subs):
-        await asyncio.sleep(0.1)
+    await until(lambda: all(s.last >= publications for s in subs), timeout, 0.1)
     lost = sum(s.lost + max(0, publications - s.last) for s in subs)
-    pipe.send(("done", {
-        "deliveries": sum(s.count for s in subs),
-        "lost": lost,
-        "duplicated": sum(s.dup for s in subs),
-        "incomplete": sum(1 for s in subs if s.last < publications),
-        "dropped": sum(1 for s in subs if s.dropped),
-        "refused": sum(1 for s in subs if s.refused),
-    }))  # fmt: skip
+    pipe.send(
+        (
+            "done",
+            {
+                "deliveries": sum(s.count for s in subs),
+                "lost": lost,
+                "duplicated": sum(s.dup for s in subs),
+                "incomplete": sum(1 for s in subs if s.last < publications),
+                "dropped": sum(1 for s in subs if s.dropped),
+                "refused": sum(1 for s in subs if s.refused),
+            },
+        )
+    )
     for s in subs:
         if s.transport is not None:
             s.transport.close()
 
 
-def _generator(port: int, first: int, count: int, source: str, core: int,
-               pipe: multiprocessing.connection.Connection) -> None:  # fmt: skip
+def _generator(
+    port: int,
+    first: int,
+    count: int,
+    source: str,
+    core: int,
+    pipe: multiprocessing.connection.Connection,
+) -> None:
     raise_fd_limit(count + 1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {core})
@@ -184,13 +203,20 @@ async def _publish(port: int, publications: int, rate: float) -> float:
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     _, publisher = await loop.create_connection(
-        lambda: Subscriber(PEERS["squall"].path, f"127.0.0.1:{port}", publisher_hello("squall"),
-                           OFFSET, None, ready.set),  # fmt: skip
-        "127.0.0.1", port,
-    )  # fmt: skip
+        lambda: Subscriber(
+            PEERS["squall"].path,
+            f"127.0.0.1:{port}",
+            publisher_hello("squall"),
+            OFFSET,
+            None,
+            ready.set,
+        ),
+        "127.0.0.1",
+        port,
+    )
     await asyncio.wait_for(ready.wait(), 30)
-    while publisher.texts < 1:  # the connect reply
-        await asyncio.sleep(0.01)
+    if not await until(lambda: publisher.texts >= 1, 30, 0.01):  # the connect reply
+        raise TimeoutError("the publisher's connect was not answered")
     assert publisher.transport is not None
     pad = "x" * 64
     t0 = time.perf_counter()
@@ -200,29 +226,27 @@ async def _publish(port: int, publications: int, rate: float) -> float:
         if pause > 0:
             await asyncio.sleep(pause)
     # Every publish has its reply (a reply carries the offset too).
-    deadline = time.monotonic() + 60
-    while publisher.count < publications and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await until(lambda: publisher.count >= publications, 60)
     took = time.perf_counter() - t0
     publisher.transport.close()
     return took
 
 
-async def one_run(connections: int, workers: int, generators: int, publications: int,
-                  rate: float) -> ScaleResult:  # fmt: skip
+async def one_run(
+    connections: int, workers: int, generators: int, publications: int, rate: float
+) -> ScaleResult:
     from tests.services import RedisServer
 
     redis = RedisServer().start()
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc = start_peer("squall", port, Path(tmp), {"SQUALL_BROKER_URL": redis.url},
-                          ("--workers", str(workers)))  # fmt: skip
+        proc = start_peer(
+            "squall", port, Path(tmp), {"SQUALL_BROKER_URL": redis.url}, ("--workers", str(workers))
+        )
         children: list[Any] = []
         try:
-            deadline = time.monotonic() + 30
-            while len(descendants(proc.pid)) < workers and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+            await until(lambda: len(descendants(proc.pid)) >= workers, 30, 0.1)
             squall = [proc.pid, *descendants(proc.pid)]
             before = await settle(squall)
             share = -(-connections // generators)
@@ -232,8 +256,10 @@ async def one_run(connections: int, workers: int, generators: int, publications:
                 count = min(share, connections - g * share)
                 ours, theirs = ctx.Pipe()
                 core = 1 if g % 2 == 0 else 0
-                child = ctx.Process(target=_generator,
-                                    args=(port, g * share, count, f"127.0.0.{10 + g}", core, theirs))  # fmt: skip
+                child = ctx.Process(
+                    target=_generator,
+                    args=(port, g * share, count, f"127.0.0.{10 + g}", core, theirs),
+                )
                 child.start()
                 children.append(child)
                 pipes.append(ours)
@@ -252,8 +278,14 @@ async def one_run(connections: int, workers: int, generators: int, publications:
             expect = publications
             for p in pipes:
                 p.send(("expect", expect, 60.0))
-            totals = {"deliveries": 0, "lost": 0, "duplicated": 0, "incomplete": 0, "dropped": 0,
-                      "refused": 0}
+            totals = {
+                "deliveries": 0,
+                "lost": 0,
+                "duplicated": 0,
+                "incomplete": 0,
+                "dropped": 0,
+                "refused": 0,
+            }
             for p in pipes:
                 _, got = await asyncio.to_thread(p.recv)
                 for k in totals:
@@ -296,7 +328,8 @@ def summarize(results: list[ScaleResult]) -> str:
         "| connections | workers | generators | connect s | KB per idle connection"
         " | connections per worker | publications | deliveries | CPU µs/delivery | lost | dup"
         " | incomplete | dropped | refused |",
-        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in results:
         lines.append(
@@ -322,8 +355,9 @@ def main() -> None:
     raise_fd_limit(args.connections // args.workers + 5000)
     results = []
     for rep in range(args.reps):
-        r = uvloop.run(one_run(args.connections, args.workers, args.generators,
-                               args.publications, args.rate))  # fmt: skip
+        r = uvloop.run(
+            one_run(args.connections, args.workers, args.generators, args.publications, args.rate)
+        )
         print(f"rep={rep} {r}", flush=True)
         results.append(r)
     title = f"{args.connections:,} connections with fan-out (workers on Redis)"

@@ -44,8 +44,15 @@ class Client(Subscriber):
     """Connects, subscribes (recovering when it knows a position), and keeps
     the offsets it got."""
 
-    def __init__(self, host: str, user: str, since: tuple[int, str] | None,
-                 done: asyncio.Event, left: list[int], want: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        since: tuple[int, str] | None,
+        done: asyncio.Event,
+        left: list[int],
+        want: int,
+    ) -> None:
         params: dict[str, object] = {"channel": CHANNEL}
         if since is not None:
             params.update(recover=True, offset=since[0], epoch=since[1])
@@ -91,20 +98,25 @@ class StormResult:
     duplicated: int
 
 
-async def connect_all(port: int, count: int, since: list[tuple[int, str] | None],
-                      want: int) -> tuple[list[Client], asyncio.Event]:  # fmt: skip
+async def connect_all(
+    port: int, count: int, since: list[tuple[int, str] | None], want: int
+) -> tuple[list[Client], asyncio.Event]:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     left = [count]
     clients: list[Client] = []
     # All at once, as a storm comes: 200 connection attempts in flight.
     for start in range(0, count, 200):
-        made = await asyncio.gather(*(
-            loop.create_connection(
-                lambda i=i: Client(f"127.0.0.1:{port}", f"u{i}", since[i], done, left, want),
-                "127.0.0.1", port)
-            for i in range(start, min(count, start + 200))
-        ))  # fmt: skip
+        made = await asyncio.gather(
+            *(
+                loop.create_connection(
+                    lambda i=i: Client(f"127.0.0.1:{port}", f"u{i}", since[i], done, left, want),
+                    "127.0.0.1",
+                    port,
+                )
+                for i in range(start, min(count, start + 200))
+            )
+        )
         clients += [c for _, c in made]
     return clients, done
 
@@ -117,17 +129,30 @@ async def one_run(count: int, missed: int) -> StormResult:
             loop = asyncio.get_running_loop()
             pub_done = asyncio.Event()
             _, publisher = await loop.create_connection(
-                lambda: Subscriber("/connection/websocket", f"127.0.0.1:{port}",
-                                   [orjson.dumps({"id": 1, "method": "connect",
-                                                  "params": {"token": squall_token("pub")}})],
-                                   SEQ, None, pub_done.set),
-                "127.0.0.1", port)  # fmt: skip
+                lambda: Subscriber(
+                    "/connection/websocket",
+                    f"127.0.0.1:{port}",
+                    [
+                        orjson.dumps(
+                            {"id": 1, "method": "connect", "params": {"token": squall_token("pub")}}
+                        )
+                    ],
+                    SEQ,
+                    None,
+                    pub_done.set,
+                ),
+                "127.0.0.1",
+                port,
+            )
             await asyncio.wait_for(pub_done.wait(), 10)
 
             def publish(n: int) -> None:
                 for k in range(n):
-                    body = {"id": 100 + k, "method": "publish",
-                            "params": {"channel": CHANNEL, "data": {"k": k, "pad": "x" * 100}}}  # fmt: skip
+                    body = {
+                        "id": 100 + k,
+                        "method": "publish",
+                        "params": {"channel": CHANNEL, "data": {"k": k, "pad": "x" * 100}},
+                    }
                     publisher.transport.write(frame(orjson.dumps(body)))  # type: ignore[union-attr]
 
             # Everyone subscribed, knowing the channel's position.
@@ -156,8 +181,15 @@ async def one_run(count: int, missed: int) -> StormResult:
             for c in again:
                 c.transport.close()  # type: ignore[union-attr]
             publisher.transport.close()  # type: ignore[union-attr]
-            return StormResult(count, missed, round(took, 2), round(cpu * 1e6 / count, 1),
-                               sum(1 for c in again if c.recovered), lost, dup)  # fmt: skip
+            return StormResult(
+                count,
+                missed,
+                round(took, 2),
+                round(cpu * 1e6 / count, 1),
+                sum(1 for c in again if c.recovered),
+                lost,
+                dup,
+            )
         finally:
             stop_peer(proc)
 
@@ -166,14 +198,17 @@ def summarize(results: list[StormResult]) -> str:
     secs = [r.seconds for r in results]
     cpu = [r.cpu_us_per_client for r in results]
     r0 = results[0]
-    return "\n".join([
-        "| clients | missed publications | seconds to recover all (median, range) "
-        "| server CPU µs per client | recovered | lost | duplicated |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| {r0.clients:,} | {r0.missed} | {statistics.median(secs):.2f} ({min(secs):.2f}–{max(secs):.2f}) "
-        f"| {statistics.median(cpu):.0f} | {min(r.recovered for r in results):,} "
-        f"| {sum(r.lost for r in results)} | {sum(r.duplicated for r in results)} |",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "| clients | missed publications | seconds to recover all (median, range) "
+            "| server CPU µs per client | recovered | lost | duplicated |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {r0.clients:,} | {r0.missed} "
+            f"| {statistics.median(secs):.2f} ({min(secs):.2f}–{max(secs):.2f}) "
+            f"| {statistics.median(cpu):.0f} | {min(r.recovered for r in results):,} "
+            f"| {sum(r.lost for r in results)} | {sum(r.duplicated for r in results)} |",
+        ]
+    )
 
 
 def main() -> None:
@@ -190,8 +225,11 @@ def main() -> None:
     results = []
     for rep in range(args.reps):
         r = uvloop.run(one_run(args.clients, args.missed))
-        print(f"storm clients={r.clients} rep={rep} {r.seconds:.2f}s {r.cpu_us_per_client:.0f} "
-              f"µs/client recovered={r.recovered} lost={r.lost} dup={r.duplicated}", flush=True)  # fmt: skip
+        print(
+            f"storm clients={r.clients} rep={rep} {r.seconds:.2f}s {r.cpu_us_per_client:.0f} "
+            f"µs/client recovered={r.recovered} lost={r.lost} dup={r.duplicated}",
+            flush=True,
+        )
         results.append(r)
     print(write_results("storm", "Reconnect storm", vars(args), results, summarize(results)))
 

@@ -17,6 +17,17 @@ SEQ = re.compile(rb'"n":(\d+)')
 SENT = re.compile(rb'"t":([0-9.]+)')
 
 
+async def until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` (counters that protocol callbacks update) until it
+    holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
 def frame(text: bytes, opcode: int = 0x1) -> bytes:
     """A masked client frame (text unless ``opcode`` says otherwise)."""
     mask = os.urandom(4)
@@ -36,9 +47,16 @@ class Subscriber(asyncio.Protocol):
     """Counts messages; checks sequence numbers for losses and duplicates;
     records latency when asked."""
 
-    def __init__(self, path: str, host: str, hello: list[bytes], seq: re.Pattern[bytes],
-                 latencies: list[float] | None, ready: Callable[[], None],
-                 stepwise: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        host: str,
+        hello: list[bytes],
+        seq: re.Pattern[bytes],
+        latencies: list[float] | None,
+        ready: Callable[[], None],
+        stepwise: bool = False,
+    ) -> None:
         self.path, self.host, self.hello, self.seq = path, host, list(hello), seq
         # Stepwise (socket.io): each hello message waits for the server's
         # next frame (the open packet, then the namespace connect reply).
@@ -60,10 +78,12 @@ class Subscriber(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         key = base64.b64encode(os.urandom(16)).decode()
         transport.write(
-            (f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-        )  # fmt: skip
+            (
+                f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

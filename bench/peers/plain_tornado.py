@@ -38,7 +38,11 @@ class Handler(tornado.websocket.WebSocketHandler):
 class Status(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"uptime": time.time() - started, "subscribers": sum(map(len, channels.values()))}))
+        self.finish(
+            json.dumps(
+                {"uptime": time.time() - started, "subscribers": sum(map(len, channels.values()))}
+            )
+        )
 
 
 class Publish(tornado.web.RequestHandler):

@@ -47,11 +47,16 @@ class Conn(asyncio.Protocol):
             if end < 0:
                 return
             head, self.buf = self.buf[:end], self.buf[end + 4 :]
-            key = next(l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
-                       if l.lower().startswith(b"sec-websocket-key"))  # fmt: skip
-            accept = base64.b64encode(hashlib.sha1(key + GUID).digest())  # noqa: S324 - RFC 6455
-            self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key")
+            )
+            accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+            self.t.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
             self.open = True
         while len(self.buf) >= 6:
             n = self.buf[1] & 0x7F
@@ -65,7 +70,9 @@ class Conn(asyncio.Protocol):
             if len(self.buf) < head + 4 + n:
                 return
             mask = self.buf[head : head + 4]
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.buf[head + 4 : head + 4 + n]))
+            payload = bytes(
+                b ^ mask[i % 4] for i, b in enumerate(self.buf[head + 4 : head + 4 + n])
+            )
             self.buf = self.buf[head + 4 + n :]
             if payload[:3] == b"sub":
                 subs = channels.setdefault(payload[4:], set())
