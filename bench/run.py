@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,20 +214,24 @@ def squall_token(user: str) -> str:
     return mint_token(AuthSettings(token_secret=SECRET), sub=user, ttl=3600)
 
 
-def hello(peer: str, user: str, channel: str = "") -> list[bytes]:
+def hello(peer: str, user: str, channels: Sequence[str] = ()) -> list[bytes]:
     """What a subscriber sends once the handshake is done: to subscribe to
-    ``channel`` (c17, ...) or, when empty, to the one fan-out channel."""
+    ``channels`` (c17, ...) or, when none, to the one fan-out channel."""
     if not peer.startswith("squall"):
         sub = list(PEERS[peer].sub)
-        if channel:
-            sub[-1] = (b'42["sub","%s"]' if PEERS[peer].hello else b"sub:%s") % channel.encode()
+        if channels:
+            form = b'42["sub","%s"]' if PEERS[peer].hello else b"sub:%s"
+            sub[-1:] = [form % channel.encode() for channel in channels]
         return sub
-    name = f"bench:{channel}" if channel else "bench:fanout"
+    names = [f"bench:{channel}" for channel in channels] or ["bench:fanout"]
     return [
         json.dumps(
             {"id": 1, "method": "connect", "params": {"token": squall_token(user)}}
         ).encode(),
-        b'{"id":2,"method":"subscribe","params":{"channel":"%s"}}' % name.encode(),
+        *(
+            b'{"id":%d,"method":"subscribe","params":{"channel":"%s"}}' % (2 + i, name.encode())
+            for i, name in enumerate(names)
+        ),
     ]
 
 
@@ -264,6 +268,7 @@ async def one_run(
     burst: int = 1,
     scenario: str = "fanout",
     channels: int = 0,
+    per_subscriber: int = 1,
 ) -> Result:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,6 +303,7 @@ async def one_run(
                     burst,
                     scenario,
                     channels,
+                    per_subscriber,
                 )
             finally:
                 stop_peer(proc)
@@ -330,6 +336,7 @@ async def _measure(
     burst: int,
     scenario: str,
     channels: int = 0,
+    per_subscriber: int = 1,
 ) -> Result:
     """Subscribe, warm up, publish, count; CPU of every process ``pids()``
     names (read when the measurement starts)."""
@@ -338,6 +345,10 @@ async def _measure(
 
     def chan(i: int) -> str:
         return f"c{i % channels}" if channels else ""
+
+    def chans(i: int) -> list[str]:
+        """Subscriber i's channels: i, i + 1, ... (mod C)."""
+        return [chan(i + j) for j in range(per_subscriber)] if channels else []
 
     stepwise = bool(PEERS[peer].hello)
     ready = asyncio.Event()
@@ -349,7 +360,11 @@ async def _measure(
             ready.set()
 
     latencies: list[float] = []
-    seq = OFFSET if peer.startswith("squall") else SEQ
+    # With several channels a subscriber, publications are numbered across
+    # all channels (each subscriber sees a rising subsequence); otherwise
+    # within their channel, and Squall's own offsets are checked.
+    numbered_globally = per_subscriber > 1
+    seq = OFFSET if peer.startswith("squall") and not numbered_globally else SEQ
     subs: list[Subscriber] = []
     # Latency from up to 100 subscribers spread over the set (it costs the
     # generator a clock read per line).
@@ -359,7 +374,13 @@ async def _measure(
         p = ports[i % len(ports)]
         _, protocol = await loop.create_connection(
             lambda i=i, lat=lat, p=p: Subscriber(
-                path, f"127.0.0.1:{p}", hello(peer, f"u{i}", chan(i)), seq, lat, one_ready, stepwise
+                path,
+                f"127.0.0.1:{p}",
+                hello(peer, f"u{i}", chans(i)),
+                seq,
+                lat,
+                one_ready,
+                stepwise,
             ),
             "127.0.0.1",
             p,
@@ -415,16 +436,16 @@ async def _measure(
     for n in range(1, publications + 1):
         # Round robin over the channels; ``n`` counts within each channel.
         c = (n - 1) % max(1, channels)
-        publisher.transport.write(
-            frame(message(peer, (n - 1) // max(1, channels) + 1, pad, chan(c)))
-        )
+        k = n if numbered_globally else (n - 1) // max(1, channels) + 1
+        publisher.transport.write(frame(message(peer, k, pad, chan(c))))
         if interval and n % burst == 0:
             delay = t0 + (n // burst) * interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
         elif not interval and n % 50 == 0:
             await asyncio.sleep(0)
-    per_sub = publications // max(1, channels)  # what each subscriber should get
+    # What each subscriber should get.
+    per_sub = publications // max(1, channels) * (per_subscriber if channels else 1)
     expected = per_sub * subscribers
     # A slow peer gets time to deliver everything (at 5,000 deliveries/s);
     # what has not arrived by then counts as lost.
@@ -459,7 +480,10 @@ async def _measure(
         client_bound=own > 0.9 * elapsed,
         frames_per_delivery=round(sum(s.frames for s in subs) / max(delivered, 1), 3),
         burst=burst,
-        scenario=scenario if not channels else f"{scenario}, {channels:,} channels",
+        scenario=scenario
+        if not channels
+        else f"{scenario}, {channels:,} channels"
+        + (f", {per_subscriber} a subscriber" if per_subscriber > 1 else ""),
     )
 
 
@@ -542,6 +566,13 @@ def main() -> None:
         default=0,
         help="subscriber i takes channel i %% C; publications go round robin",
     )
+    parser.add_argument(
+        "--per-subscriber",
+        type=int,
+        default=1,
+        help="with --channels: subscriber i takes channels i .. i+K-1 (mod C), so one "
+        "process holds C channels x K subscribers on C connections",
+    )
     parser.add_argument("--scenario", default="", help="name in the results (default: from rate)")
     parser.add_argument("--name", default="fanout", help="results file: bench/results/<name>.md")
     parser.add_argument("--profile", default="", help="run Squall under py-spy: flame-NAME.svg")
@@ -571,6 +602,7 @@ def main() -> None:
                             args.burst,
                             scenario,
                             args.channels,
+                            args.per_subscriber,
                         )
                     )
                 except (RuntimeError, TimeoutError, OSError) as exc:

@@ -58,8 +58,9 @@ class Subscriber(asyncio.Protocol):
         stepwise: bool = False,
     ) -> None:
         self.path, self.host, self.hello, self.seq = path, host, list(hello), seq
-        # Stepwise (socket.io): each hello message waits for the server's
-        # next frame (the open packet, then the namespace connect reply).
+        # Stepwise (socket.io): the first hello message waits for the
+        # server's first frame (the open packet), the others for its next
+        # one (the namespace connect reply).
         self.stepwise = stepwise
         self.latencies = latencies
         self.ready = ready
@@ -120,8 +121,14 @@ class Subscriber(asyncio.Protocol):
             if opcode == 0x1:
                 self.texts += 1
                 if self.hello:
+                    # The first hello message answers the first frame; the
+                    # rest (socket.io: the subscriptions) go with the next.
                     assert self.transport is not None
-                    self.transport.write(frame(self.hello.pop(0)))
+                    first = self.texts == 1 and len(self.hello) > 1
+                    send, self.hello = (
+                        (self.hello[:1], self.hello[1:]) if first else (self.hello, [])
+                    )
+                    self.transport.write(b"".join(frame(m) for m in send))
                     if not self.hello:
                         self.ready()
                 self.on_text(buf[pos + head : pos + head + b1])
