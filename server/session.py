@@ -105,25 +105,41 @@ class Flusher:
     def fan_out(
         self, sessions: Iterable[Session], channel: str, offset: int, message: bytes
     ) -> None:
-        """Queue one publication for each of ``sessions``. The usual case, a
-        connected session with nothing queued, gets the one list every
-        subscriber shares (so the transport's frame cache matches it by
-        identity); any other goes through ``Session.push_pub``."""
+        """Queue one publication for each of ``sessions``.
+
+        Subscribers whose queues hold the same (shared) list get the same new
+        list: ``[message]`` for an idle one, the previous list plus
+        ``message`` within a burst. So a publication costs one list, not one
+        per subscriber, and the transport's frame cache matches the list by
+        identity. A session with messages of its own gets an append, and one
+        setting up its subscription goes through ``Session.push_pub``.
+        """
         shared = [message]
         size = len(message)
         pending = self._pending
+        before: list[bytes] | None = None  # a shared queue seen last ...
+        after = shared  # ... and what it becomes
         for session in sessions:
-            if (
-                session._queue
-                or session._buffering is not None
-                or session.state is not _CONNECTED
-                or size > session._max_bytes
-            ):
+            if session._buffering is not None or session.state is not _CONNECTED:
                 session.push_pub(channel, offset, message)
                 continue
-            session._queue = shared
-            session._shared = True
-            session._qbytes = size
+            queue = session._queue
+            if not queue:
+                session._queue = shared
+                session._shared = True
+                session._qbytes = size
+            elif session._shared:
+                if queue is not before:
+                    before = queue
+                    after = [*queue, message]
+                session._queue = queue = after
+                session._qbytes += size
+            else:
+                queue.append(message)
+                session._qbytes += size
+            if session._qbytes > session._max_bytes or len(queue) > session._max_messages:
+                session.overflow()
+                continue
             if not session._pending:
                 session._pending = True
                 pending.append(session)
@@ -305,12 +321,16 @@ class Session:
             queue.append(message)
         self._qbytes += len(message)
         if self._qbytes > self._max_bytes or len(queue) > self._max_messages:
-            self.node.metrics.slow_disconnects += 1
-            self.disconnect(errors.SLOW, flush=False)
+            self.overflow()
             return
         if not self._pending:
             self._pending = True
             self.node.flusher.mark(self)
+
+    def overflow(self) -> None:
+        """The send queue passed its limits: the client reads too slowly."""
+        self.node.metrics.slow_disconnects += 1
+        self.disconnect(errors.SLOW, flush=False)
 
     def push_pub(self, channel: str, offset: int, message: bytes) -> None:
         """A publication from the hub (``Flusher.fan_out``). While the
@@ -322,8 +342,7 @@ class Session:
             if held is not None:
                 held.append((offset, message))
                 if len(held) > self._max_messages:
-                    self.node.metrics.slow_disconnects += 1
-                    self.disconnect(errors.SLOW, flush=False)
+                    self.overflow()
                 return
         self.send(message)
 

@@ -14,7 +14,7 @@ import pytest
 
 from server import errors, protocol, wsframe
 from server.models import ClientInfo, Publication
-from tests.conftest import Running, ServerFactory, wait_for
+from tests.conftest import RawWS, Running, ServerFactory, wait_for
 from tests.unit.test_wsframe import client_frame
 
 
@@ -229,37 +229,47 @@ async def test_a_fan_out_shares_one_frame_but_never_another_sessions_messages(
     # iteration, must reach only that one, and in order.
     alice = await server.connected("alice")
     bob = await server.connected("bob")
-    for client in (alice, bob):
+    carol = await server.connected("carol")
+    for client in (alice, bob, carol):
         assert "result" in await client.call("subscribe", {"channel": "news"})
+    assert "result" in await bob.call("subscribe", {"channel": "sports"})
     node = server.node
     only_alice = next(s for s in node.sessions.values() if s.user == "alice")
     note = protocol.join_push("news", ClientInfo("x", "only-for-alice"))
     out_before = node.metrics.messages_out
 
-    def pub(offset: int) -> Publication:
-        return Publication("news", offset, "e1", orjson.dumps({"n": offset}))
+    def pub(offset: int, channel: str = "news") -> Publication:
+        return Publication(channel, offset, "e1", orjson.dumps({"n": offset}))
 
-    # One loop iteration: a publication, a message to alice, a publication.
+    async def offsets(client: RawWS, count: int) -> list[int]:
+        return [(await client.recv())["pub"]["offset"] for _ in range(count)]
+
+    # One loop iteration: a publication, a message to alice, one to a
+    # channel only bob takes, a burst of two.
     node.on_publication(pub(1))
     only_alice.send(note)
+    node.on_publication(pub(7, "sports"))
     node.on_publication(pub(2))
-    a_frames, b_frames = alice.frames, bob.frames
+    node.on_publication(pub(3))
+    frames_before = [c.frames for c in (alice, bob, carol)]
     assert (await alice.recv())["pub"]["offset"] == 1
     assert (await alice.recv())["info"]["user"] == "only-for-alice"
-    assert (await alice.recv())["pub"]["offset"] == 2
-    assert [(await bob.recv())["pub"]["offset"] for _ in range(2)] == [1, 2]
-    assert (alice.frames - a_frames, bob.frames - b_frames) == (1, 1), "one frame each"
-    assert node.metrics.messages_out - out_before == 5
+    assert await offsets(alice, 2) == [2, 3]
+    assert await offsets(bob, 4) == [1, 7, 2, 3]
+    assert await offsets(carol, 3) == [1, 2, 3]
+    frames = [c.frames - n for c, n in zip((alice, bob, carol), frames_before, strict=True)]
+    assert frames == [1, 1, 1], "one frame each"
+    assert node.metrics.messages_out - out_before == 11
 
     # The next publication goes out alone (no stale shared frame), and a
     # message to alice alone reaches nobody else.
-    node.on_publication(pub(3))
-    for client in (alice, bob):
-        assert (await client.recv())["pub"]["offset"] == 3
+    node.on_publication(pub(4))
+    for client in (alice, bob, carol):
+        assert await offsets(client, 1) == [4]
     only_alice.send(note)
     await asyncio.sleep(0)
-    node.on_publication(pub(4))
+    node.on_publication(pub(5))
     assert (await alice.recv())["info"]["user"] == "only-for-alice"
-    assert (await alice.recv())["pub"]["offset"] == 4
-    assert (await bob.recv())["pub"]["offset"] == 4
-    assert not alice.inbox and not bob.inbox
+    for client in (alice, bob, carol):
+        assert await offsets(client, 1) == [5]
+        assert not client.inbox
