@@ -49,6 +49,7 @@ from server.tasks import BackgroundTasks
 
 # Connections per Redis server for commands (pub/sub has its own).
 POOL_SIZE = 64
+# On a cluster: connections per node, and commands in flight at once.
 CLUSTER_POOL_SIZE = 1024
 # Script calls sent in one pipeline at most.
 PIPELINE_MAX = 512
@@ -310,6 +311,21 @@ class _GroupCommit:
             raise BrokerUnavailable(f"redis: {exc}") from None
 
 
+class _WaitingCluster(RedisCluster):
+    """redis-py's cluster client fails a command with MaxConnectionsError
+    when more are in flight to one node than its pool holds (it has no
+    blocking pool). This one makes the excess wait for a free slot: a burst
+    of publishes to one channel is slower, not lost."""
+
+    def __init__(self, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections, **kwargs)
+        self._in_flight = asyncio.Semaphore(max_connections)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._in_flight:
+            return await super().execute_command(*args, **kwargs)
+
+
 class _Shard:
     """One Redis server, or a whole Redis Cluster: a command client with the
     scripts, and the pub/sub connections (one, or one per cluster master)."""
@@ -339,7 +355,7 @@ class _Shard:
                 host, _, port = part.strip().rstrip("/").rpartition(":")
                 nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
             # No blocking pool for a cluster: a larger one per node instead.
-            self.client = RedisCluster(
+            self.client = _WaitingCluster(
                 startup_nodes=nodes, max_connections=CLUSTER_POOL_SIZE, **kwargs
             )
             await self.client.initialize()
