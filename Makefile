@@ -62,10 +62,10 @@ bench: bench-fanout bench-idle bench-workers bench-scale bench-http bench-storm
 
 bench-fanout: bench-deps
 	$(BIN)/python -m bench.run --name fanout-burst --subscribers 100,1000 --publications 1000 $(BENCH_ARGS)
-	$(BIN)/python -m bench.run --name fanout-10k --subscribers 10000 --publications 100 --reps 1 --peers raw_asyncio,plain_tornado,node_ws,node_socketio,squall $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-10k --subscribers 10000 --publications 100 --reps 1 $(BENCH_ARGS)
 	$(BIN)/python -m bench.run --name fanout-rate --subscribers 1000 --publications 100 --rate 10 $(BENCH_ARGS)
 	$(BIN)/python -m bench.run --name fanout-bursts --subscribers 1000 --publications 500 --rate 100 --burst 10 $(BENCH_ARGS)
-	$(BIN)/python -m bench.run --name fanout-channels --subscribers 10000 --channels 10000 --per-subscriber 2 --publications 100000 --reps 1 --peers raw_asyncio,plain_tornado,node_ws,node_socketio,squall $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-channels --subscribers 10000 --channels 10000 --per-subscriber 2 --publications 100000 --reps 1 $(BENCH_ARGS)
 
 bench-idle: bench-deps
 	$(BIN)/python -m bench.idle --connections 1000,5000 $(BENCH_ARGS)

@@ -118,7 +118,12 @@ class Subscriber(asyncio.Protocol):
             if len(buf) - pos < head + b1:
                 break
             opcode = buf[pos] & 0x0F
-            if opcode == 0x1:
+            if opcode == 0x1 and self.stepwise and buf[pos + head : pos + head + b1] == b"2":
+                # An engine.io ping (socket.io): answer it as its client
+                # does, or the server drops the connection after 45 s.
+                assert self.transport is not None
+                self.transport.write(frame(b"3"))
+            elif opcode == 0x1:
                 self.texts += 1
                 if self.hello:
                     # The first hello message answers the first frame; the
