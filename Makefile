@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint system-deps services clean bench bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
+.PHONY: run test lint system-deps services clean bench bench-hotpath bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -58,7 +58,11 @@ bench-deps: $(STAMP) $(BENCH_STAMP)
 	@scripts/install-system-deps.sh bench
 	$(BIN)/pip install --quiet -e '.[bench]'
 
-bench: bench-fanout bench-idle bench-workers bench-scale bench-http bench-storm
+bench: bench-hotpath bench-fanout bench-idle bench-workers bench-scale bench-http bench-storm
+
+# The fan-out path in-process (ns of Python per delivery, no kernel).
+bench-hotpath: bench-deps
+	$(BIN)/python -m bench.hotpath $(BENCH_ARGS)
 
 bench-fanout: bench-deps
 	$(BIN)/python -m bench.run --name fanout-burst --subscribers 100,1000 --publications 1000 $(BENCH_ARGS)
