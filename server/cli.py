@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -350,6 +351,23 @@ def _watch_parent(stop: asyncio.Event, interval: float = 1.0) -> None:
     loop.call_later(interval, check)
 
 
+# Allocations of GC-tracked objects between young collections (CPython's
+# default is 700). A server allocates in bursts and keeps long-lived
+# connections; collecting every 700 allocations cost ~7 % of the CPU of a
+# fan-out at 10,000 deliveries/s here, almost all of it finding nothing.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """What the process built to start (modules, settings, the app) lives as
+    long as it does: freeze it out of every future collection, and collect
+    young objects less often. Cycles among later objects are still found."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def _serve(
     settings: Settings,
     secrets_path: Path | None,
@@ -377,6 +395,7 @@ async def _serve(
     server = tornado.httpserver.HTTPServer(
         app, max_body_size=max_body_size(node), xheaders=True, idle_connection_timeout=60
     )
+    tune_gc()
     try:
         if listen_fds:
             # A worker: accept on the supervisor's socket.
