@@ -85,7 +85,7 @@ class Flusher:
 
     __slots__ = ("_loop", "_pending", "_scheduled", "metrics")
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self._pending: list[Session] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,9 +149,7 @@ class Flusher:
     def _run(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        written = self._write(pending)
-        if self.metrics is not None:
-            self.metrics.messages_out += written
+        self.metrics.messages_out += self._write(pending)
 
     def _write(self, sessions: list[Session]) -> int:
         """Write each session's queue in one transport write; returns how
