@@ -447,6 +447,9 @@ class RedisBroker:
         self._local_presence: dict[tuple[str, str], bytes] = {}
         self._tasks = BackgroundTasks(log, "redis broker step")
         self._pending_sub: dict[str, asyncio.Future[None]] = {}
+        # Channels of the subscribe batch in progress: Redis may deliver
+        # their publications before the batch has read their positions.
+        self._joining: set[str] = set()
         self._pending_unsub: set[str] = set()
         self._batch_scheduled = False
         self._loops: list[asyncio.Task[None]] = []
@@ -622,6 +625,14 @@ class RedisBroker:
         self._batch_scheduled = False
         pending, self._pending_sub = self._pending_sub, {}
         unsub, self._pending_unsub = self._pending_unsub, set()
+        self._joining.update(pending)
+        try:
+            await self._subscribe_batch(pending)
+        finally:
+            self._joining.difference_update(pending)
+        await self._unsubscribe_batch(unsub)
+
+    async def _subscribe_batch(self, pending: dict[str, asyncio.Future[None]]) -> None:
         groups: dict[_PubSub, list[str]] = {}
         for channel in pending:
             groups.setdefault(self._pubsub(channel), []).append(channel)
@@ -633,6 +644,8 @@ class RedisBroker:
                     positions = await self._positions(self._shard(chunk[0]), chunk)
                 except (TimeoutError, BrokerUnavailable, *_REDIS_ERRORS) as exc:
                     for c in chunk:
+                        if c not in self._subscribed:
+                            self._last.pop(c, None)
                         if not pending[c].done():
                             pending[c].set_exception(BrokerUnavailable(f"redis: {exc}"))
                     continue
@@ -642,6 +655,8 @@ class RedisBroker:
                     self._last.setdefault(c, position)
                     if not pending[c].done():
                         pending[c].set_result(None)
+
+    async def _unsubscribe_batch(self, unsub: set[str]) -> None:
         gone: dict[_PubSub, list[str]] = {}
         for channel in unsub:
             if channel in self._subscribed and channel not in self._pending_sub:
@@ -702,7 +717,11 @@ class RedisBroker:
 
     def _accept(self, pub: Publication) -> None:
         channel = pub.channel
-        if channel not in self._subscribed and channel not in self._pending_sub:
+        if (
+            channel not in self._subscribed
+            and channel not in self._joining
+            and channel not in self._pending_sub
+        ):
             return
         held = self._held.get(channel)
         if held is not None:

@@ -329,3 +329,43 @@ async def test_publications_on_their_way_are_not_taken_for_a_gap(
     finally:
         await receiver.close()
         await publisher.close()
+
+
+async def test_a_publication_arriving_while_a_subscription_is_set_up_is_delivered(
+    redis_url: str, prefix: str, handler: GapHandler
+) -> None:
+    # Redis confirms a SUBSCRIBE, the broker reads the channel's position,
+    # and a publication made just after that read can reach the pub/sub
+    # reader before the read's reply reaches the broker. It is delivered as
+    # it comes: not dropped and then taken for a gap (which, on a channel
+    # without history, would tell every subscriber to recover).
+    none = HistoryOptions(size=0, ttl=0, meta_ttl=3600)
+    publisher = RedisBroker(redis_url, prefix=prefix)
+    receiver = RedisBroker(redis_url, prefix=prefix, position_check_interval=60)
+    await publisher.start(GapHandler())
+    await receiver.start(handler)
+    arrived: list[bytes] = []
+    real_on_message, real_positions = receiver.on_message, receiver._positions
+
+    def on_message(name: str, message: bytes) -> None:
+        arrived.append(message)
+        real_on_message(name, message)
+
+    async def positions_then_a_publication(shard: Any, channels: Any) -> Any:
+        result = await real_positions(shard, channels)
+        if "setup" in channels:
+            await publisher.publish("setup", b"1", info=None, history=none)
+            await eventually(lambda: any(m.startswith(b"p") for m in arrived))
+        return result
+
+    receiver.on_message = on_message  # type: ignore[method-assign]
+    receiver._positions = positions_then_a_publication  # type: ignore[method-assign]
+    try:
+        await receiver.subscribe("setup")
+        await publisher.publish("setup", b"2", info=None, history=none)
+        await eventually(lambda: len(handler.pubs) == 2 or bool(handler.unrecoverable))
+        assert handler.unrecoverable == []
+        assert [p.data for p in handler.pubs] == [b"1", b"2"]
+    finally:
+        await receiver.close()
+        await publisher.close()
