@@ -224,6 +224,23 @@ def _bool_param(params: dict[str, Any], name: str) -> bool:
     return value
 
 
+class _Joining:
+    """One subscription being set up.
+
+    Until its reply is out, the channel's publications wait in ``held``.
+    After it, publications at or below ``floor`` (the offset the reply gave)
+    are dropped until the first one past it: they were still on their way
+    to this node when the stream reported a position that counts them, and
+    the client has them already or was told it is past them.
+    """
+
+    __slots__ = ("floor", "held")
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, bytes]] | None = []
+        self.floor = 0
+
+
 class Session:
     __slots__ = (
         "_buffering",
@@ -271,7 +288,9 @@ class Session:
         self._qbytes = 0
         self._pending = False
         self._writing = False
-        self._buffering: dict[str, list[tuple[int, bytes]]] | None = None
+        # Channels whose subscription is being set up; any entry sends this
+        # session's publications through push_pub rather than the fast path.
+        self._buffering: dict[str, _Joining] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._token_channels: list[str] = []
         # Publishes in flight, oldest first; their replies go out in order.
@@ -333,15 +352,21 @@ class Session:
     def push_pub(self, channel: str, offset: int, message: bytes) -> None:
         """A publication from the hub (``Flusher.fan_out``). While the
         channel's subscription is being set up, it waits in a buffer so
-        nothing slips between the recovered history and the live stream."""
+        nothing slips between the recovered history and the live stream;
+        just after, what the subscribe reply covered is not sent again."""
         buffering = self._buffering
         if buffering is not None:
-            held = buffering.get(channel)
-            if held is not None:
-                held.append((offset, message))
-                if len(held) > self._max_messages:
-                    self.overflow()
-                return
+            joining = buffering.get(channel)
+            if joining is not None:
+                held = joining.held
+                if held is not None:
+                    held.append((offset, message))
+                    if len(held) > self._max_messages:
+                        self.overflow()
+                    return
+                if offset <= joining.floor:
+                    return
+                self._stop_buffering(channel)
         self.send(message)
 
     def flush(self) -> int:
@@ -635,7 +660,7 @@ class Session:
         # the missed history, then release what is newer: no gap, no repeat.
         if self._buffering is None:
             self._buffering = {}
-        self._buffering[name] = []
+        joining = self._buffering[name] = _Joining()
         self.subs[name] = channel
         try:
             await self.node.subscribe_session(self, channel)
@@ -643,9 +668,6 @@ class Session:
             if recover and ns.recover:
                 assert offset is not None and epoch is not None
                 recovery = await self.node.recover(channel, offset, epoch)
-                last = recovery.publications[-1].offset if recovery.publications else offset
-                if not recovery.recovered:
-                    last = max(last, recovery.position.offset)
                 result = {
                     "offset": recovery.position.offset,
                     "epoch": recovery.position.epoch,
@@ -656,7 +678,6 @@ class Session:
                 self.node.metrics.count_recovery(recovery.recovered)
             else:
                 position = await self.node.position(channel)
-                last = position.offset
                 result = {
                     "offset": position.offset,
                     "epoch": position.epoch,
@@ -671,29 +692,39 @@ class Session:
             raise
         if self.closed:
             return result
-        held = self._stop_buffering(name)
-        # The reply goes first (the caller sends it); held publications after.
-        if held:
-            asyncio.get_running_loop().call_soon(self._release, name, held, last)
+        # The reply goes first (the caller sends it, with any recovered
+        # publications); held publications after. The client is now at the
+        # reply's offset, recovered or not.
+        asyncio.get_running_loop().call_soon(
+            self._release, name, joining, result["offset"], result["epoch"]
+        )
         if ns.presence:
             # After the reply, so the client sees its subscription first.
             self.node.spawn(self.node.join(channel, self.info))
         return result
 
-    def _stop_buffering(self, name: str) -> list[tuple[int, bytes]]:
-        if self._buffering is None:
-            return []
-        held = self._buffering.pop(name, [])
-        if not self._buffering:
-            self._buffering = None
-        return held
+    def _stop_buffering(self, name: str) -> None:
+        if self._buffering is not None:
+            self._buffering.pop(name, None)
+            if not self._buffering:
+                self._buffering = None
 
-    def _release(self, name: str, held: list[tuple[int, bytes]], last: int) -> None:
-        if name not in self.subs:
-            return
+    def _release(self, name: str, joining: _Joining, last: int, epoch: str) -> None:
+        """Send what arrived while the subscription was set up and is newer
+        than the reply's ``last`` offset. If this node has not yet delivered
+        up to ``last`` (Redis counted publications still on their way here),
+        keep dropping those at or below it until they have passed."""
+        if self._buffering is None or self._buffering.get(name) is not joining:
+            return  # unsubscribed (or closed) meanwhile
+        held, joining.held = joining.held or [], None
         for offset, message in held:
             if offset > last:
                 self.send(message)
+        delivered = self.node.delivered(name)
+        if delivered is not None and delivered.epoch == epoch and delivered.offset < last:
+            joining.floor = last
+        else:
+            self._stop_buffering(name)
 
     async def _cmd_unsubscribe(self, params: dict[str, Any]) -> dict[str, Any]:
         name = _str_param(params, "channel", required=True)

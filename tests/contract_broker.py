@@ -54,6 +54,8 @@ async def test_offsets_are_consecutive_and_delivered_in_order(
     await eventually(lambda: len([p for p in handler.pubs if p.channel == "c1"]) == 20)
     assert [p.offset for p in handler.pubs if p.channel == "c1"] == list(range(1, 21))
     assert handler.pubs[0].data == b'{"n":0}'
+    # How far the node has delivered: what a new subscriber's reply is checked against.
+    assert broker.delivered("c1") == pubs[-1].position
 
 
 async def test_history_is_bounded_and_ordered(broker: Broker) -> None:

@@ -89,6 +89,13 @@ class Broker(Protocol):
         """The stream's current position (creating the stream if needed)."""
         ...
 
+    def delivered(self, channel: str) -> StreamPosition | None:
+        """The position of the last publication of ``channel`` this node has
+        handed to its handler, while it is subscribed (else None). Every
+        publication past it reaches the handler later. It can lag
+        ``position``: publications still on their way to this node."""
+        ...
+
     async def seed(self, channel: str, position: StreamPosition) -> None:
         """Adopt ``position`` if the stream does not exist yet (a durable
         channel's position after a restart); otherwise do nothing."""

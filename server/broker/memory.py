@@ -119,6 +119,11 @@ class MemoryBroker:
         stream = self._stream(channel)
         return StreamPosition(stream.offset, stream.epoch)
 
+    def delivered(self, channel: str) -> StreamPosition | None:
+        # Publishing delivers at once: nothing is ever on its way.
+        stream = self._streams.get(channel)
+        return StreamPosition(stream.offset, stream.epoch) if stream is not None else None
+
     async def seed(self, channel: str, position: StreamPosition) -> None:
         if channel not in self._streams:
             self._streams[channel] = _Stream(position.epoch, position.offset)

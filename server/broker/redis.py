@@ -575,6 +575,11 @@ class RedisBroker:
             offset, epoch = await shard.positions.call(channel, keys, args)
         return StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
 
+    def delivered(self, channel: str) -> StreamPosition | None:
+        # While a gap is being filled this stays at what was handed over
+        # before it; the fill delivers the rest.
+        return self._last.get(channel) if channel in self._subscribed else None
+
     async def seed(self, channel: str, position: StreamPosition) -> None:
         await self._call(
             self._shard(channel),

@@ -366,6 +366,7 @@ async def test_a_publication_arriving_while_a_subscription_is_set_up_is_delivere
         await eventually(lambda: len(handler.pubs) == 2 or bool(handler.unrecoverable))
         assert handler.unrecoverable == []
         assert [p.data for p in handler.pubs] == [b"1", b"2"]
+        assert receiver.delivered("setup") == handler.pubs[-1].position
     finally:
         await receiver.close()
         await publisher.close()

@@ -199,3 +199,41 @@ async def test_a_burst_of_publishes_is_answered_in_order_and_delivered_together(
     assert [p["offset"] for p in got] == list(range(1, 300))
     assert [p["data"]["n"] for p in got] == [n for n in range(1, 301) if n != 150]
     assert watcher.frames - frames_before < 100
+
+
+async def test_a_subscriber_never_gets_again_what_its_subscribe_reply_covered(
+    make_server: ServerFactory, redis_config: dict[str, Any]
+) -> None:
+    # Publications can still be on their way to a node (in its pub/sub
+    # socket, or being read back from history) when a client there
+    # subscribes, and Redis already counts them in the position the reply
+    # gives. When they arrive, the node hands them to its earlier
+    # subscribers only: the new one was told it is past them.
+    config = {**redis_config, "broker": {**redis_config["broker"], "position_check_interval": 60}}
+    a, b = await make_server(config), await make_server(config)
+    early = await b.connected("early")
+    await early.call("subscribe", {"channel": "news"})
+    broker = b.node.broker
+    deliver = broker.on_message
+    delayed: list[tuple[str, bytes]] = []
+    broker.on_message = lambda name, message: delayed.append((name, message))  # type: ignore[method-assign]
+    api = a.api()
+    for i in range(3):
+        await api.publish("news", i)
+    await wait_for(lambda: sum(m[:1] == b"p" for _, m in delayed) == 3, message="3 delayed")
+    late = await b.connected("late")
+    reply = (await late.call("subscribe", {"channel": "news"}))["result"]
+    assert reply["offset"] == 3
+    recovering = await b.connected("recovering")
+    recovered = await recovering.call(
+        "subscribe", {"channel": "news", "recover": True, "offset": 1, "epoch": reply["epoch"]}
+    )
+    assert [p["offset"] for p in recovered["result"]["publications"]] == [2, 3]
+    broker.on_message = deliver  # type: ignore[method-assign]
+    for name, message in delayed:
+        deliver(name, message)
+    await api.publish("news", 3)
+    assert [(await early.push("pub"))["pub"]["offset"] for _ in range(4)] == [1, 2, 3, 4]
+    assert (await late.push("pub"))["pub"]["data"] == 3
+    assert (await recovering.push("pub"))["pub"]["data"] == 3
+    assert not late.pushes and not recovering.pushes
