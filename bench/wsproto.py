@@ -12,7 +12,8 @@ import struct
 import time
 from collections.abc import Callable
 
-OFFSET = re.compile(rb'"offset":(\d+)')
+# A Squall publication's offset (not a subscribe reply's, which also has one).
+OFFSET = re.compile(rb'"pub":\{"offset":(\d+)')
 SEQ = re.compile(rb'"n":(\d+)')
 SENT = re.compile(rb'"t":([0-9.]+)')
 
