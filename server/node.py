@@ -313,11 +313,6 @@ class Node:
         except BrokerUnavailable as exc:
             raise errors.Unavailable(f"broker: {exc}") from None
 
-    def delivered(self, name: str) -> StreamPosition | None:
-        """How far this node has delivered channel ``name`` (see
-        ``Broker.delivered``)."""
-        return self.broker.delivered(name)
-
     def publication_data(self, params: dict[str, Any]) -> bytes:
         """``params["data"]`` encoded once, within the size limit."""
         if "data" not in params:

@@ -720,7 +720,7 @@ class Session:
         for offset, message in held:
             if offset > last:
                 self.send(message)
-        delivered = self.node.delivered(name)
+        delivered = self.node.broker.delivered(name)
         if delivered is not None and delivered.epoch == epoch and delivered.offset < last:
             joining.floor = last
         else:

@@ -91,9 +91,9 @@ class Broker(Protocol):
 
     def delivered(self, channel: str) -> StreamPosition | None:
         """The position of the last publication of ``channel`` this node has
-        handed to its handler, while it is subscribed (else None). Every
-        publication past it reaches the handler later. It can lag
-        ``position``: publications still on their way to this node."""
+        handed to its handler (None when the node does not follow the
+        channel). Every publication past it reaches the handler later. It
+        can lag ``position``: publications still on their way here."""
         ...
 
     async def seed(self, channel: str, position: StreamPosition) -> None:
