@@ -23,9 +23,11 @@ import tornado.iostream
 import tornado.web
 
 from server import wsframe
+from server.codec import Codec
 from server.errors import SHUTDOWN, Disconnect, SquallError
 from server.node import Node
-from server.session import Session
+from server.protocol import SQUALL
+from server.session import Session, State
 
 log = logging.getLogger("squall.websocket")
 
@@ -52,23 +54,28 @@ class ConnectionClosing(ConnectionError):
 
 
 class _FrameCache:
-    """The last frame built. The flusher writes the subscribers of a channel
-    one after another with the same queued messages, so they share one frame
-    (server frames are unmasked: the same bytes for everyone)."""
+    """The last frame built for one codec. The flusher writes the subscribers
+    of a channel one after another with the same queued messages, so they
+    share one frame (server frames are unmasked: the same bytes for
+    everyone). Also the codec's ping frame, when it pings in its own
+    protocol rather than with WebSocket pings."""
 
-    __slots__ = ("frame", "items")
+    __slots__ = ("_join", "_opcode", "frame", "items", "ping")
 
-    def __init__(self) -> None:
+    def __init__(self, codec: Codec) -> None:
         self.items: list[bytes] = []
         self.frame = b""
+        self._opcode = wsframe.OP_BINARY if codec.binary else wsframe.OP_TEXT
+        self._join = codec.join_frame
+        self.ping = None if codec.ping is None else wsframe.build(self._opcode, codec.ping)
 
     def build(self, items: list[bytes]) -> bytes:
         # List equality tests identity first: for the shared messages of a
         # fan-out this is a few pointer compares.
         if items == self.items:
             return self.frame
-        payload = items[0] if len(items) == 1 else b"\n".join(items)
-        self.frame = wsframe.header(wsframe.OP_TEXT, len(payload)) + payload
+        payload = self._join(items)
+        self.frame = wsframe.header(self._opcode, len(payload)) + payload
         self.items = items
         return self.frame
 
@@ -84,11 +91,18 @@ class WebSocketConnections:
         self.max_message = limits.max_frame_bytes
         self.ping_interval = limits.ping_interval
         self.ping_timeout = limits.ping_timeout
-        self.frames = _FrameCache()
+        self._frames: dict[Codec, _FrameCache] = {}
         self._conns: dict[WebSocketConnection, None] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._empty = asyncio.Event()
         node.add_closer(self.close_all)
+
+    def frames(self, codec: Codec) -> _FrameCache:
+        """The frame cache of ``codec``: one per codec in use."""
+        cache = self._frames.get(codec)
+        if cache is None:
+            cache = self._frames[codec] = _FrameCache(codec)
+        return cache
 
     def add(self, conn: WebSocketConnection) -> None:
         self._conns[conn] = None
@@ -137,8 +151,9 @@ class WebSocketConnections:
         for conn in list(self._conns):
             conn.check_alive()
 
-    async def adopt(self, stream: tornado.iostream.IOStream) -> None:
-        """Take the socket of an upgraded request from Tornado."""
+    async def adopt(self, stream: tornado.iostream.IOStream, codec: Codec = SQUALL) -> None:
+        """Take the socket of an upgraded request from Tornado; the
+        connection speaks ``codec``."""
         try:
             await stream.write(b"")  # resolves once the 101 reply is with the kernel
         except tornado.iostream.StreamClosedError:
@@ -150,7 +165,7 @@ class WebSocketConnections:
         stream.io_loop.remove_handler(sock)
         fd = sock.detach()
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        conn = WebSocketConnection(self, leftover)
+        conn = WebSocketConnection(self, leftover, codec)
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: conn, raw)
@@ -163,7 +178,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_closing",
+        "_codec",
         "_drain",
+        "_frames",
         "_heard",
         "_inbox",
         "_inbox_bytes",
@@ -181,8 +198,12 @@ class WebSocketConnection(asyncio.Protocol):
     )
     kind = "websocket"
 
-    def __init__(self, registry: WebSocketConnections, leftover: bytes) -> None:
+    def __init__(
+        self, registry: WebSocketConnections, leftover: bytes, codec: Codec = SQUALL
+    ) -> None:
         self._registry = registry
+        self._codec = codec
+        self._frames = registry.frames(codec)
         self._leftover = leftover
         self._parser = wsframe.FrameParser(registry.max_message)
         self._transport: asyncio.Transport | None = None
@@ -211,7 +232,7 @@ class WebSocketConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         self._registry.add(self)
         try:
-            self.session = self._registry.node.new_session(self)
+            self.session = self._registry.node.new_session(self, self._codec)
         except SquallError as exc:
             self._start_close(wsframe.CLOSE_TRY_AGAIN_LATER, exc.message)
             return
@@ -230,8 +251,13 @@ class WebSocketConnection(asyncio.Protocol):
             return
         for opcode, payload in items:
             if opcode <= wsframe.OP_BINARY:
-                if not self._closing:
-                    self._on_message(payload)
+                if self._closing:
+                    continue
+                if self._codec.binary and opcode != wsframe.OP_BINARY:
+                    # A text frame on a binary protocol cannot be a command.
+                    self._refuse_frame()
+                    return
+                self._on_message(payload)
             elif opcode == wsframe.OP_PING:
                 if not self._closing and self._transport is not None:
                     self._transport.write(wsframe.build(wsframe.OP_PONG, payload))
@@ -270,7 +296,7 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self._transport
         if self._closing or transport is None:
             raise ConnectionClosing("connection is closing")
-        frames = self._registry.frames
+        frames = self._frames
         # A fan-out hands every subscriber the same list: then it is the
         # frame just built, found by identity.
         transport.write(frames.frame if items is frames.items else frames.build(items))
@@ -281,13 +307,25 @@ class WebSocketConnection(asyncio.Protocol):
         return self._drain
 
     def close(self, disconnect: Disconnect) -> None:
-        self._start_close(disconnect.code, disconnect.reason)
+        self._start_close(*self._codec.close(disconnect))
+
+    def _refuse_frame(self) -> None:
+        if self.session is not None:
+            self.session.disconnect(self._codec.violation())
+        else:
+            self._start_close(*self._codec.close(self._codec.violation()))
 
     # ---- keepalive --------------------------------------------------------
 
     def ping(self, frame: bytes) -> None:
+        """Ping with ``frame`` (a WebSocket ping), or with the codec's own
+        ping message once the session is connected: a client that answers
+        it (any frame counts) is alive."""
         if self._closing or self._transport is None:
             return
+        own = self._frames.ping
+        if own is not None and self.session is not None and self.session.state is State.CONNECTED:
+            frame = own
         self._pinged = True
         self._heard = False
         self._transport.write(frame)
@@ -378,10 +416,30 @@ class WebSocketHandler(tornado.web.RequestHandler):
 
     node: Node
     connections: WebSocketConnections
+    codec: Codec
+    subprotocols: dict[str, Codec]
 
-    def initialize(self, node: Node, connections: WebSocketConnections) -> None:
+    def initialize(
+        self,
+        node: Node,
+        connections: WebSocketConnections,
+        codec: Codec = SQUALL,
+        subprotocols: dict[str, Codec] | None = None,
+    ) -> None:
+        """``codec`` is the path's protocol; a client that asks for one of
+        ``subprotocols`` (``Sec-WebSocket-Protocol``) gets that one."""
         self.node = node
         self.connections = connections
+        self.codec = codec
+        self.subprotocols = subprotocols or {}
+
+    def _pick_codec(self) -> tuple[Codec, str | None]:
+        asked = self.request.headers.get("Sec-WebSocket-Protocol", "")
+        for name in (p.strip() for p in asked.split(",")):
+            codec = self.subprotocols.get(name)
+            if codec is not None:
+                return codec, name
+        return self.codec, None
 
     def _refuse(self, status: int, code: int, message: str) -> None:
         self.set_status(status)
@@ -425,5 +483,8 @@ class WebSocketHandler(tornado.web.RequestHandler):
         self.set_header("Upgrade", "websocket")
         self.set_header("Connection", "Upgrade")
         self.set_header("Sec-WebSocket-Accept", accept)
+        codec, subprotocol = self._pick_codec()
+        if subprotocol is not None:
+            self.set_header("Sec-WebSocket-Protocol", subprotocol)
         self.finish()
-        await self.connections.adopt(self.detach())
+        await self.connections.adopt(self.detach(), codec)

@@ -1,17 +1,18 @@
-"""This process's map of channel -> local sessions.
+"""This process's map of channel -> local sessions, grouped by codec.
 
-A publication is encoded once, here, and the same bytes are handed to every
-local subscriber's send queue; per-subscriber work is an append.
+A publication is encoded once per codec in use on its channel, here, and the
+same bytes are handed to every local subscriber of that codec; per-subscriber
+work is an append.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server import protocol
-from server.models import Publication
+from server.models import ClientInfo, Publication
 
 if TYPE_CHECKING:
+    from server.codec import Codec
     from server.session import Flusher, Session
 
 
@@ -20,57 +21,78 @@ class Hub:
 
     def __init__(self, flusher: Flusher) -> None:
         self._flusher = flusher
-        # dict as an insertion-ordered set: iteration is cheap and stable.
-        self._channels: dict[str, dict[Session, None]] = {}
+        # channel -> codec -> sessions; dicts as insertion-ordered sets:
+        # iteration is cheap and stable.
+        self._channels: dict[str, dict[Codec, dict[Session, None]]] = {}
 
     def add(self, channel: str, session: Session) -> bool:
         """Add a subscriber; True when it is the channel's first on this node."""
-        subs = self._channels.get(channel)
-        if subs is None:
-            self._channels[channel] = {session: None}
+        groups = self._channels.get(channel)
+        if groups is None:
+            self._channels[channel] = {session.codec: {session: None}}
             return True
-        subs[session] = None
+        subs = groups.get(session.codec)
+        if subs is None:
+            groups[session.codec] = {session: None}
+        else:
+            subs[session] = None
         return False
 
     def remove(self, channel: str, session: Session) -> bool:
         """Remove a subscriber; True when the channel has none left here."""
-        subs = self._channels.get(channel)
+        groups = self._channels.get(channel)
+        if groups is None:
+            return False
+        subs = groups.get(session.codec)
         if subs is None or session not in subs:
             return False
         del subs[session]
         if not subs:
-            del self._channels[channel]
-            return True
+            del groups[session.codec]
+            if not groups:
+                del self._channels[channel]
+                return True
         return False
 
     def broadcast_pub(self, pub: Publication) -> int:
         """Push ``pub`` to its channel's local subscribers; returns how many."""
-        subs = self._channels.get(pub.channel)
-        if not subs:
+        groups = self._channels.get(pub.channel)
+        if not groups:
             return 0
-        self._flusher.fan_out(subs, pub.channel, pub.offset, protocol.pub_push(pub))
-        return len(subs)
+        count = 0
+        fan_out = self._flusher.fan_out
+        for codec, subs in groups.items():
+            fan_out(subs, pub.channel, pub.offset, codec.pub(pub))
+            count += len(subs)
+        return count
 
-    def broadcast(self, channel: str, message: bytes, *, skip_client: str = "") -> int:
-        """Push ``message`` to the channel's local subscribers, except the
-        session whose client id is ``skip_client``."""
-        subs = self._channels.get(channel)
-        if not subs:
-            return 0
-        for session in subs:
-            if session.client_id != skip_client:
-                session.send(message)
-        return len(subs)
+    def broadcast_join(self, channel: str, info: ClientInfo) -> None:
+        """Tell the channel's local subscribers, except the one who joined."""
+        for codec, subs in self._channels.get(channel, {}).items():
+            message = codec.join(channel, info)
+            for session in subs:
+                if session.client_id != info.client:
+                    session.send(message)
+
+    def broadcast_leave(self, channel: str, info: ClientInfo) -> None:
+        for codec, subs in self._channels.get(channel, {}).items():
+            message = codec.leave(channel, info)
+            for session in subs:
+                if session.client_id != info.client:
+                    session.send(message)
 
     def sessions(self, channel: str) -> list[Session]:
-        return list(self._channels.get(channel, ()))
+        return [s for subs in self._channels.get(channel, {}).values() for s in subs]
 
     def subscribers(self, channel: str) -> int:
-        subs = self._channels.get(channel)
-        return len(subs) if subs else 0
+        groups = self._channels.get(channel)
+        return sum(len(subs) for subs in groups.values()) if groups else 0
 
     def channel_counts(self) -> dict[str, int]:
-        return {name: len(subs) for name, subs in self._channels.items()}
+        return {
+            name: sum(len(subs) for subs in groups.values())
+            for name, groups in self._channels.items()
+        }
 
     @property
     def channel_count(self) -> int:
@@ -78,4 +100,4 @@ class Hub:
 
     @property
     def subscription_count(self) -> int:
-        return sum(len(subs) for subs in self._channels.values())
+        return sum(len(subs) for groups in self._channels.values() for subs in groups.values())

@@ -23,6 +23,7 @@ from server.auth import Authenticator
 from server.broker import Broker, BrokerUnavailable, OffsetConflict
 from server.broker.memory import MemoryBroker
 from server.channels import Channel, Channels
+from server.codec import Codec, HistoryPage
 from server.config import Settings
 from server.hub import Hub
 from server.metrics import Metrics
@@ -213,7 +214,7 @@ class Node:
 
     # ---- sessions -------------------------------------------------------
 
-    def new_session(self, transport: Transport) -> Session:
+    def new_session(self, transport: Transport, codec: Codec = protocol.SQUALL) -> Session:
         """Accept a connection, or raise ``Unavailable`` when draining or full."""
         if self.draining or not self._running:
             self.metrics.connections_refused += 1
@@ -221,7 +222,7 @@ class Node:
         if len(self.sessions) >= self.settings.limits.max_connections:
             self.metrics.connections_refused += 1
             raise errors.Unavailable("connection limit reached")
-        session = Session(self, transport)
+        session = Session(self, transport, codec)
         self.sessions[session.client_id] = session
         self.metrics.connections_accepted += 1
         return session
@@ -504,8 +505,8 @@ class Node:
         # ends at the top of the stream.
         return reverse or pubs[0].offset == (after or 0) + 1
 
-    async def history_json(self, channel: Channel, params: dict[str, Any]) -> dict[str, Any]:
-        """History as both the protocol and the HTTP API answer it."""
+    async def history_page(self, channel: Channel, params: dict[str, Any]) -> HistoryPage:
+        """History as the protocols and the HTTP API ask for it."""
         limit = params.get("limit", 100)
         max_limit = self.settings.limits.max_history_limit
         if type(limit) is not int or limit < 0:
@@ -518,11 +519,12 @@ class Node:
         pubs, position = await self.history(
             channel, since=since, until=until, limit=min(limit, max_limit), reverse=reverse
         )
-        return {
-            "publications": [protocol.pub_json(p) for p in pubs],
-            "offset": position.offset,
-            "epoch": position.epoch,
-        }
+        return HistoryPage(pubs, position.offset, position.epoch)
+
+    async def history_json(self, channel: Channel, params: dict[str, Any]) -> dict[str, Any]:
+        """History as Squall's HTTP API answers it."""
+        page: dict[str, Any] = protocol.result_json(await self.history_page(channel, params))
+        return page
 
     @staticmethod
     def _position_param(params: dict[str, Any], name: str) -> StreamPosition | None:
@@ -670,10 +672,10 @@ class Node:
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
         # Others learn of the join; the client itself has its subscribe reply.
-        self.hub.broadcast(channel, protocol.join_push(channel, info), skip_client=info.client)
+        self.hub.broadcast_join(channel, info)
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self.hub.broadcast(channel, protocol.leave_push(channel, info), skip_client=info.client)
+        self.hub.broadcast_leave(channel, info)
 
     def on_unrecoverable(self, channel: str) -> None:
         """Publications were lost on the way here: this node's subscribers of
@@ -706,7 +708,7 @@ class Node:
 
     async def _server_unsubscribe(self, session: Session, channel: str) -> None:
         await session.unsubscribe(channel)
-        session.send(protocol.unsubscribe_push(channel, 2000, "server unsubscribe"))
+        session.send(session.codec.unsubscribe(channel, 2000, "server unsubscribe"))
 
     # ---- cluster-wide control (the API's disconnect and unsubscribe) ----
 

@@ -13,13 +13,30 @@ gets an error reply and changes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from server.errors import BadRequest, SquallError
+from server.codec import (
+    EMPTY,
+    Command,
+    ConnectResult,
+    Empty,
+    HistoryPage,
+    InvalidCommand,
+    PresenceResult,
+    PresenceStatsResult,
+    ProtocolViolation,
+    PublishResult,
+    RefreshResult,
+    Result,
+    SubRefreshResult,
+    SubscribeResult,
+)
+from server.errors import BAD_REQUEST, BadRequest, Disconnect, SquallError
 from server.models import ClientInfo, Publication
+
+__all__ = ["EMPTY", "SQUALL", "Command", "InvalidCommand", "ProtocolViolation", "SquallCodec"]
 
 METHODS = frozenset(
     {
@@ -35,25 +52,6 @@ METHODS = frozenset(
     }
 )
 MAX_ID = 2**53 - 1  # what a JavaScript number holds exactly
-
-
-class ProtocolViolation(Exception):
-    """The frame cannot be answered; the connection closes with BAD_REQUEST."""
-
-
-@dataclass(slots=True)
-class Command:
-    id: int
-    method: str
-    params: dict[str, Any]
-
-
-@dataclass(slots=True)
-class InvalidCommand:
-    """A command with a usable id whose other fields are wrong."""
-
-    id: int
-    error: SquallError
 
 
 def parse_frame(frame: bytes | str, *, max_commands: int = 100) -> list[Command | InvalidCommand]:
@@ -137,3 +135,103 @@ def disconnect_push(code: int, reason: str, reconnect: bool) -> bytes:
     return orjson.dumps(
         {"push": "disconnect", "code": code, "reason": reason, "reconnect": reconnect}
     )
+
+
+def subscribe_json(result: SubscribeResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "offset": result.offset,
+        "epoch": result.epoch,
+        "recoverable": result.recoverable,
+    }
+    if result.recovered is not None:
+        out["recovered"] = result.recovered
+        if result.recovering:
+            out["publications"] = [pub_json(p) for p in result.publications]
+    return out
+
+
+def connect_json(result: ConnectResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "client": result.client,
+        "version": result.version,
+        "node": result.node,
+        "ping": result.ping,
+        "expires": result.expires,
+    }
+    if result.ttl is not None:
+        out["ttl"] = result.ttl
+    return out
+
+
+def result_json(result: Result) -> Any:
+    """A neutral result as Squall's protocol (and HTTP API) shows it."""
+    if isinstance(result, dict):
+        return result
+    if isinstance(result, Empty):
+        return {}
+    if isinstance(result, SubscribeResult):
+        return subscribe_json(result)
+    if isinstance(result, PublishResult):
+        return {"offset": result.offset, "epoch": result.epoch}
+    if isinstance(result, HistoryPage):
+        return {
+            "publications": [pub_json(p) for p in result.publications],
+            "offset": result.offset,
+            "epoch": result.epoch,
+        }
+    if isinstance(result, PresenceResult):
+        return {"presence": {k: v.to_json() for k, v in result.members.items()}}
+    if isinstance(result, PresenceStatsResult):
+        return {"clients": result.clients, "users": result.users}
+    if isinstance(result, (RefreshResult, SubRefreshResult)):
+        return {"expires": result.expires, "ttl": result.ttl}
+    if isinstance(result, ConnectResult):
+        return connect_json(result)
+    raise TypeError(f"no JSON form for {type(result).__name__}")
+
+
+class SquallCodec:
+    """Squall's own JSON protocol (``docs/protocol.md``)."""
+
+    name: str = "squall"
+    binary: bool = False
+    methods: frozenset[str] = METHODS
+    subs_in_connect: bool = False
+    close_on_connect_error: bool = True
+    ping: bytes | None = None
+
+    def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
+        return parse_frame(frame)
+
+    def reply(self, command: Command, result: Result) -> bytes:
+        return orjson.dumps({"id": command.id, "result": result_json(result)})
+
+    def error(self, command: Command | InvalidCommand, exc: SquallError) -> bytes | Disconnect:
+        return error_reply(command.id, exc)
+
+    def pub(self, pub: Publication) -> bytes:
+        return pub_push(pub)
+
+    def join(self, channel: str, info: ClientInfo) -> bytes:
+        return join_push(channel, info)
+
+    def leave(self, channel: str, info: ClientInfo) -> bytes:
+        return leave_push(channel, info)
+
+    def unsubscribe(self, channel: str, code: int, reason: str) -> bytes:
+        return unsubscribe_push(channel, code, reason)
+
+    def subscribed(self, channel: str, result: SubscribeResult) -> bytes:
+        return orjson.dumps({"push": "subscribe", "channel": channel, **subscribe_json(result)})
+
+    def violation(self) -> Disconnect:
+        return BAD_REQUEST
+
+    def close(self, disconnect: Disconnect) -> tuple[int, str]:
+        return disconnect.code, disconnect.reason
+
+    def join_frame(self, items: list[bytes]) -> bytes:
+        return items[0] if len(items) == 1 else b"\n".join(items)
+
+
+SQUALL = SquallCodec()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import secrets
 import time
@@ -25,10 +26,31 @@ from collections.abc import Awaitable, Callable, Iterable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from server import errors, protocol
+import orjson
+
+from server import errors
+from server.broker import BrokerUnavailable
 from server.channels import Channel
+from server.codec import (
+    EMPTY,
+    Codec,
+    Command,
+    ConnectResult,
+    Empty,
+    HistoryPage,
+    InvalidCommand,
+    PresenceResult,
+    PresenceStatsResult,
+    ProtocolViolation,
+    PublishResult,
+    RefreshResult,
+    Result,
+    SubRefreshResult,
+    SubscribeResult,
+)
 from server.errors import Disconnect, SquallError
 from server.models import ClientInfo, StreamPosition
+from server.protocol import SQUALL, connect_json, pub_json, subscribe_json
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -244,6 +266,7 @@ class _Joining:
 class Session:
     __slots__ = (
         "_buffering",
+        "_deferred",
         "_inflight",
         "_max_bytes",
         "_max_messages",
@@ -255,6 +278,7 @@ class Session:
         "_token_channels",
         "_writing",
         "client_id",
+        "codec",
         "created",
         "exp",
         "info",
@@ -266,9 +290,10 @@ class Session:
         "user",
     )
 
-    def __init__(self, node: Node, transport: Transport) -> None:
+    def __init__(self, node: Node, transport: Transport, codec: Codec = SQUALL) -> None:
         self.node = node
         self.transport = transport
+        self.codec = codec
         self.client_id = secrets.token_hex(8)
         self.user = ""
         self.info = ClientInfo(self.client_id, "")
@@ -293,8 +318,12 @@ class Session:
         self._buffering: dict[str, _Joining] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._token_channels: list[str] = []
+        # While set, subscriptions being set up release their held
+        # publications only when the caller says (after a connect reply that
+        # carries them).
+        self._deferred: list[Callable[[], None]] | None = None
         # Publishes in flight, oldest first; their replies go out in order.
-        self._inflight: collections.deque[asyncio.Future[bytes]] | None = None
+        self._inflight: collections.deque[asyncio.Future[bytes | Disconnect]] | None = None
         self._set_timer(limits.connect_timeout, self._on_connect_timeout)
 
     @property
@@ -423,20 +452,23 @@ class Session:
         """Handle one frame from the client. Never raises."""
         if self.closed:
             return
+        if isinstance(frame, str):
+            frame = frame.encode("utf-8", "surrogatepass")
         try:
-            commands = protocol.parse_frame(frame)
-        except protocol.ProtocolViolation as exc:
+            commands = self.codec.decode(frame)
+        except ProtocolViolation as exc:
             log.debug("bad frame from %s: %s", self.client_id, exc)
-            self.disconnect(errors.BAD_REQUEST)
+            self.disconnect(self.codec.violation())
             return
         for command in commands:
             if self.closed:
                 return
             if not self.limiter.allow():
-                self._reply(protocol.error_reply(command.id, errors.TooManyRequests()))
+                self._reply(self.codec.error(command, errors.TooManyRequests()))
                 continue
-            if isinstance(command, protocol.InvalidCommand):
-                self._reply(protocol.error_reply(command.id, command.error))
+            if isinstance(command, InvalidCommand):
+                self.node.metrics.count_error(command.error.code)
+                self._reply(self.codec.error(command, command.error))
                 continue
             if self._pipelined and command.method == "publish":
                 await self._begin_publish(command)
@@ -456,7 +488,7 @@ class Session:
     def _pipelined(self) -> bool:
         return self.state is State.CONNECTED and self.node.broker.ordered_publish
 
-    async def _begin_publish(self, command: protocol.Command) -> None:
+    async def _begin_publish(self, command: Command) -> None:
         if self._inflight is not None and len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
             await asyncio.wait((self._inflight[0],))
             self._send_answered()  # may empty the queue (and drop it)
@@ -467,26 +499,33 @@ class Session:
         task.add_done_callback(self._send_answered)
         inflight.append(task)
 
-    async def _answer(self, command: protocol.Command) -> bytes:
+    async def _answer(self, command: Command) -> bytes | Disconnect:
         self.node.metrics.count_command(command.method)
         try:
             result = await self._cmd_publish(command.params)
         except SquallError as exc:
             self.node.metrics.count_error(exc.code)
-            return protocol.error_reply(command.id, exc)
+            return self.codec.error(command, exc)
         except Exception:
             log.exception("publish failed for %s", self.client_id)
             self.node.metrics.count_error(errors.InternalError.code)
-            return protocol.error_reply(command.id, errors.InternalError())
-        return protocol.reply(command.id, result)
+            return self.codec.error(command, errors.InternalError())
+        return self.codec.reply(command, result)
 
-    def _reply(self, reply: bytes) -> None:
-        """Send a reply that is ready now, after the replies still in flight."""
+    def _reply(self, reply: bytes | Disconnect) -> None:
+        """Send a reply that is ready now, after the replies still in flight
+        (or close, where the protocol answers an error that way)."""
         inflight = self._inflight
         if inflight:
-            ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            ready: asyncio.Future[bytes | Disconnect] = asyncio.get_running_loop().create_future()
             ready.set_result(reply)
             inflight.append(ready)
+        else:
+            self._send_or_close(reply)
+
+    def _send_or_close(self, reply: bytes | Disconnect) -> None:
+        if isinstance(reply, Disconnect):
+            self.disconnect(reply)
         else:
             self.send(reply)
 
@@ -496,7 +535,7 @@ class Session:
         while inflight and inflight[0].done():
             task = inflight.popleft()
             if not task.cancelled() and not self.closed:
-                self.send(task.result())
+                self._send_or_close(task.result())
         if not inflight:
             self._inflight = None
 
@@ -506,24 +545,34 @@ class Session:
             await asyncio.wait(tuple(self._inflight))
             self._send_answered()
 
-    async def _dispatch(self, command: protocol.Command) -> None:
+    async def _dispatch(self, command: Command) -> None:
         method = command.method
         self.node.metrics.count_command(method)
+        result: Result
         try:
             if method == "connect":
                 result = await self._connect(command.params)
+                if self.codec.subs_in_connect:
+                    assert isinstance(result, ConnectResult)
+                    self._deferred = []
+                    result.subs = await self._subscribe_token_channels(command.params)
             elif self.state is not State.CONNECTED:
                 raise errors.NotConnected("send 'connect' first")
-            elif method not in protocol.METHODS:
+            elif method not in self.codec.methods:
                 raise errors.MethodNotFound(f"unknown method {method!r}")
             else:
                 handler = getattr(self, "_cmd_" + method)
                 result = await handler(command.params)
         except SquallError as exc:
+            self._deferred = None
             self.node.metrics.count_error(exc.code)
             if not self.closed:
-                self.send(protocol.error_reply(command.id, exc))
-            if method == "connect" and self.state is State.CONNECTING:
+                self._send_or_close(self.codec.error(command, exc))
+            if (
+                method == "connect"
+                and self.state is State.CONNECTING
+                and self.codec.close_on_connect_error
+            ):
                 close = errors.EXPIRED if isinstance(exc, errors.TokenExpired) else None
                 if isinstance(exc, errors.Unauthorized):
                     close = errors.INVALID_TOKEN
@@ -531,17 +580,23 @@ class Session:
                     self.disconnect(close)
             return
         except Exception:
+            self._deferred = None
             log.exception("command %s failed for %s", method, self.client_id)
             self.node.metrics.count_error(errors.InternalError.code)
-            self.send(protocol.error_reply(command.id, errors.InternalError()))
+            self._send_or_close(self.codec.error(command, errors.InternalError()))
             return
         if not self.closed:
-            self.send(protocol.reply(command.id, result))
+            self.send(self.codec.reply(command, result))
+            deferred, self._deferred = self._deferred, None
             if method == "connect":
-                # Server-side subscriptions from the token follow the reply.
-                await self._subscribe_token_channels()
+                if deferred is not None:
+                    for release in deferred:
+                        release()
+                else:
+                    # Server-side subscriptions from the token follow the reply.
+                    await self._subscribe_token_channels(command.params)
 
-    async def _connect(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _connect(self, params: dict[str, Any]) -> ConnectResult:
         if self.state is not State.CONNECTING:
             raise errors.BadRequest("already connected")
         token = params.get("token")
@@ -571,29 +626,46 @@ class Session:
             self._timer = None
         return self._connect_result()
 
-    def _connect_result(self) -> dict[str, Any]:
-        result: dict[str, Any] = {
-            "client": self.client_id,
-            "version": self.node.version,
-            "node": self.node.node_id,
-            "ping": self.node.settings.limits.ping_interval,
-            "expires": bool(self.exp),
-        }
-        if self.exp:
-            result["ttl"] = max(0, int(self.exp - time.time()))
-        return result
+    def _connect_result(self) -> ConnectResult:
+        return ConnectResult(
+            client=self.client_id,
+            version=self.node.version,
+            node=self.node.node_id,
+            ping=self.node.settings.limits.ping_interval,
+            expires=bool(self.exp),
+            ttl=max(0, int(self.exp - time.time())) if self.exp else None,
+        )
 
-    async def _subscribe_token_channels(self) -> None:
+    async def _subscribe_token_channels(
+        self, params: dict[str, Any] | None = None
+    ) -> dict[str, SubscribeResult]:
+        """Subscribe the channels the connection token names, recovering
+        those the connect command asks to (``subs``: channel -> recover,
+        offset, epoch). With ``subs_in_connect`` the results are returned for
+        the connect reply; otherwise each goes out as a push."""
         channels, self._token_channels = self._token_channels, []
+        wanted = (params or {}).get("subs") or {}
+        if not isinstance(wanted, dict):
+            wanted = {}
+        results: dict[str, SubscribeResult] = {}
         for name in channels:
             if self.state is not State.CONNECTED:
-                return
+                break
+            recovery = wanted.get(name)
             try:
-                result = await self._subscribe(self.node.channels.resolve(name), {}, server=True)
+                result = await self._subscribe(
+                    self.node.channels.resolve(name),
+                    recovery if isinstance(recovery, dict) else {},
+                    server=True,
+                )
             except SquallError as exc:
-                self.send(protocol.unsubscribe_push(name, exc.code, exc.message))
+                self.send(self.codec.unsubscribe(name, exc.code, exc.message))
                 continue
-            self.send(protocol.encode({"push": "subscribe", "channel": name, **result}))
+            if self.codec.subs_in_connect:
+                results[name] = result
+            else:
+                self.send(self.codec.subscribed(name, result))
+        return results
 
     async def open_stream(
         self, token: str | None, requests: list[tuple[str, StreamPosition | None]]
@@ -604,7 +676,7 @@ class Session:
         with the error) followed by each recovered publication as a ``pub``."""
         self.node.metrics.count_command("connect")
         await self._connect({"token": token} if token else {})
-        self.send(protocol.encode({"push": "connect", **self._connect_result()}))
+        self.send(orjson.dumps({"push": "connect", **connect_json(self._connect_result())}))
         await self._subscribe_token_channels()
         for name, position in requests:
             if self.state is not State.CONNECTED:
@@ -617,21 +689,22 @@ class Session:
                     self.node.channels.resolve(name), params, server=False
                 )
             except SquallError as exc:
-                self.send(protocol.unsubscribe_push(name, exc.code, exc.message))
+                self.send(self.codec.unsubscribe(name, exc.code, exc.message))
                 continue
-            pubs = result.pop("publications", [])
-            self.send(protocol.encode({"push": "subscribe", "channel": name, **result}))
-            for pub in pubs:
-                self.send(protocol.encode({"push": "pub", "channel": name, "pub": pub}))
+            pushed = subscribe_json(result)
+            pushed.pop("publications", None)
+            self.send(orjson.dumps({"push": "subscribe", "channel": name, **pushed}))
+            for pub in result.publications:
+                self.send(orjson.dumps({"push": "pub", "channel": name, "pub": pub_json(pub)}))
 
-    async def _cmd_subscribe(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_subscribe(self, params: dict[str, Any]) -> SubscribeResult:
         name = params.get("channel")
         channel = self.node.channels.resolve(name)
         return await self._subscribe(channel, params, server=False)
 
     async def _subscribe(
         self, channel: Channel, params: dict[str, Any], *, server: bool
-    ) -> dict[str, Any]:
+    ) -> SubscribeResult:
         name = channel.name
         ns = channel.options
         if name in self.subs:
@@ -641,6 +714,7 @@ class Session:
         recover = _bool_param(params, "recover")
         offset = _int_param(params, "offset")
         epoch = _str_param(params, "epoch")
+        token_exp = 0.0
         if not server:
             if not self.user and not ns.allow_anonymous:
                 raise errors.PermissionDenied("anonymous clients cannot subscribe here")
@@ -649,7 +723,7 @@ class Session:
                 if token is None:
                     raise errors.PermissionDenied("a subscription token is required")
                 try:
-                    self.node.auth.verify_subscription_token(
+                    token_exp = self.node.auth.verify_subscription_token(
                         token, user=self.user, client=self.client_id, channel=name
                     )
                 except SquallError as exc:
@@ -664,27 +738,29 @@ class Session:
         self.subs[name] = channel
         try:
             await self.node.subscribe_session(self, channel)
-            result: dict[str, Any]
+            result: SubscribeResult
             if recover and ns.recover:
                 assert offset is not None and epoch is not None
                 recovery = await self.node.recover(channel, offset, epoch)
-                result = {
-                    "offset": recovery.position.offset,
-                    "epoch": recovery.position.epoch,
-                    "recoverable": True,
-                    "recovered": recovery.recovered,
-                    "publications": [protocol.pub_json(p) for p in recovery.publications],
-                }
+                result = SubscribeResult(
+                    offset=recovery.position.offset,
+                    epoch=recovery.position.epoch,
+                    recoverable=True,
+                    recovered=recovery.recovered,
+                    recovering=True,
+                    publications=recovery.publications,
+                )
                 self.node.metrics.count_recovery(recovery.recovered)
             else:
                 position = await self.node.position(channel)
-                result = {
-                    "offset": position.offset,
-                    "epoch": position.epoch,
-                    "recoverable": ns.recover,
-                }
-                if recover:
-                    result["recovered"] = False
+                result = SubscribeResult(
+                    offset=position.offset,
+                    epoch=position.epoch,
+                    recoverable=ns.recover,
+                    recovered=False if recover else None,
+                )
+            if token_exp:
+                result.ttl = max(0, int(token_exp - time.time()))
         except BaseException:
             self._stop_buffering(name)
             self.subs.pop(name, None)
@@ -695,9 +771,11 @@ class Session:
         # The reply goes first (the caller sends it, with any recovered
         # publications); held publications after. The client is now at the
         # reply's offset, recovered or not.
-        asyncio.get_running_loop().call_soon(
-            self._release, name, joining, result["offset"], result["epoch"]
-        )
+        release = functools.partial(self._release, name, joining, result.offset, result.epoch)
+        if self._deferred is not None:
+            self._deferred.append(release)
+        else:
+            asyncio.get_running_loop().call_soon(release)
         if ns.presence:
             # After the reply, so the client sees its subscription first.
             self.node.spawn(self.node.join(channel, self.info))
@@ -726,12 +804,12 @@ class Session:
         else:
             self._stop_buffering(name)
 
-    async def _cmd_unsubscribe(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_unsubscribe(self, params: dict[str, Any]) -> Empty:
         name = _str_param(params, "channel", required=True)
         assert name is not None
         if name in self.subs:
             await self.unsubscribe(name)
-        return {}
+        return EMPTY
 
     async def unsubscribe(self, name: str) -> None:
         channel = self.subs.pop(name, None)
@@ -740,7 +818,7 @@ class Session:
             return
         await self.node.unsubscribe_session(self, channel)
 
-    async def _cmd_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_publish(self, params: dict[str, Any]) -> PublishResult:
         channel = self.node.channels.resolve(params.get("channel"))
         ns = channel.options
         if not ns.allow_publish:
@@ -751,7 +829,7 @@ class Session:
             raise errors.PermissionDenied("subscribe to a private channel before publishing")
         data = self.node.publication_data(params)
         pub = await self.node.publish(channel, data, info=self.info)
-        return {"offset": pub.offset, "epoch": pub.epoch}
+        return PublishResult(pub.offset, pub.epoch)
 
     def _subscribed_channel(self, params: dict[str, Any]) -> Channel:
         channel = self.node.channels.resolve(params.get("channel"))
@@ -759,9 +837,9 @@ class Session:
             raise errors.NotSubscribed("subscribe to the channel first")
         return channel
 
-    async def _cmd_history(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_history(self, params: dict[str, Any]) -> HistoryPage:
         channel = self._subscribed_channel(params)
-        return await self.node.history_json(channel, params)
+        return await self.node.history_page(channel, params)
 
     async def _cmd_search(self, params: dict[str, Any]) -> dict[str, Any]:
         # Only over channels this client may subscribe to: any channel of a
@@ -773,14 +851,23 @@ class Session:
             namespaces=self.node.searchable_namespaces(anonymous=not self.user),
         )
 
-    async def _cmd_presence(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _presence(self, params: dict[str, Any]) -> dict[str, ClientInfo]:
         channel = self._subscribed_channel(params)
         if not channel.options.presence:
             raise errors.NotAvailable("presence is off in this namespace")
-        members = await self.node.broker.presence(channel.name)
-        return {"presence": {k: v.to_json() for k, v in members.items()}}
+        try:
+            return await self.node.broker.presence(channel.name)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
 
-    async def _cmd_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_presence(self, params: dict[str, Any]) -> PresenceResult:
+        return PresenceResult(await self._presence(params))
+
+    async def _cmd_presence_stats(self, params: dict[str, Any]) -> PresenceStatsResult:
+        members = await self._presence(params)
+        return PresenceStatsResult(len(members), len({m.user for m in members.values()}))
+
+    async def _cmd_refresh(self, params: dict[str, Any]) -> RefreshResult:
         if not self.user and not self.exp:
             raise errors.BadRequest("anonymous connections have no token to refresh")
         claims = self.node.auth.verify_connection_token(params.get("token"))
@@ -788,7 +875,24 @@ class Session:
             raise errors.Unauthorized("token is for another user")
         self.exp = claims.exp
         self._set_timer(self.exp - time.time(), self._on_token_expired)
-        return {"expires": True, "ttl": max(0, int(self.exp - time.time()))}
+        ttl = max(0, int(self.exp - time.time()))
+        return RefreshResult(self.client_id, self.node.version, True, ttl)
 
-    async def _cmd_ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    async def _cmd_sub_refresh(self, params: dict[str, Any]) -> SubRefreshResult:
+        """A fresh subscription token for a private channel held now."""
+        channel = self._subscribed_channel(params)
+        if not channel.options.private:
+            raise errors.BadRequest("only a private channel has a token to refresh")
+        try:
+            exp = self.node.auth.verify_subscription_token(
+                params.get("token"), user=self.user, client=self.client_id, channel=channel.name
+            )
+        except SquallError as exc:
+            raise errors.PermissionDenied(f"subscription token: {exc.message}") from None
+        return SubRefreshResult(True, max(0, int(exp - time.time())))
+
+    async def _cmd_rpc(self, params: dict[str, Any]) -> Empty:
+        raise errors.NotAvailable("this server has no RPC handlers")
+
+    async def _cmd_ping(self, params: dict[str, Any]) -> Empty:
+        return EMPTY
