@@ -4,8 +4,9 @@ Python per delivery from a publication reaching the hub to the transport's
 socket write every server pays; the real runs (``bench.run``) measure the
 whole.
 
-N WebSocket connections with a null transport are subscribed to one
-channel; publications go to the hub one at a time or in bursts, then the
+N WebSocket connections with a null transport, speaking one codec
+(``--codecs``: Squall's own, Centrifugo JSON, Centrifugo Protobuf), are
+subscribed to one channel; publications go to the hub one at a time or in bursts, then the
 flusher runs (as the next loop iteration would). The raw line is the
 ceiling's loop: one pre-built frame to every transport.
 """
@@ -25,10 +26,19 @@ import uvloop
 from bench.run import write_results
 from handlers.websocket import WebSocketConnection, WebSocketConnections
 from server import wsframe
+from server.codec import Codec
+from server.codecs.centrifuge import CENTRIFUGE_JSON, CENTRIFUGE_PROTOBUF
 from server.config import load_settings
 from server.models import Publication
 from server.node import Node
+from server.protocol import SQUALL
 from server.session import State
+
+CODECS: dict[str, Codec] = {
+    "squall": SQUALL,
+    "centrifuge-json": CENTRIFUGE_JSON,
+    "centrifuge-protobuf": CENTRIFUGE_PROTOBUF,
+}
 
 
 class NullTransport:
@@ -57,6 +67,7 @@ class NullTransport:
 
 @dataclass
 class HotResult:
+    codec: str
     subscribers: int
     burst: int
     hub_ns: float  # Flusher.fan_out per delivery (best rep)
@@ -66,7 +77,10 @@ class HotResult:
     raw_ns: float  # the ceiling's loop
 
 
-async def measure(subscribers: int, burst: int, publications: int, reps: int) -> HotResult:
+async def measure(
+    codec_name: str, subscribers: int, burst: int, publications: int, reps: int
+) -> HotResult:
+    codec = CODECS[codec_name]
     with tempfile.TemporaryDirectory() as tmp:
         raw_config = {
             "auth": {"token_secret": "s" * 32, "api_key": "k" * 32},
@@ -78,7 +92,7 @@ async def measure(subscribers: int, burst: int, publications: int, reps: int) ->
             registry = WebSocketConnections(node)
             conns = []
             for _ in range(subscribers):
-                conn = WebSocketConnection(registry, b"")
+                conn = WebSocketConnection(registry, b"", codec)
                 transport = NullTransport()
                 transport.conn = conn
                 conn.connection_made(transport)  # type: ignore[arg-type]
@@ -109,7 +123,8 @@ async def measure(subscribers: int, burst: int, publications: int, reps: int) ->
                     flush_runs.append(flush * per)
                     totals.append((hub + flush) * per)
                 transports = [c._transport for c in conns]
-                frame = wsframe.build(wsframe.OP_TEXT, data)
+                opcode = wsframe.OP_BINARY if codec.binary else wsframe.OP_TEXT
+                frame = wsframe.build(opcode, codec.pub(pubs[0]))
                 raws = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
@@ -122,6 +137,7 @@ async def measure(subscribers: int, burst: int, publications: int, reps: int) ->
         finally:
             await node.close()
     return HotResult(
+        codec=codec_name,
         subscribers=subscribers,
         burst=burst,
         hub_ns=round(min(hub_runs), 1),
@@ -134,13 +150,13 @@ async def measure(subscribers: int, burst: int, publications: int, reps: int) ->
 
 def summarize(results: list[HotResult]) -> str:
     lines = [
-        "| subscribers | burst | hub ns/delivery | flush ns/delivery | total (best)"
+        "| codec | subscribers | burst | hub ns/delivery | flush ns/delivery | total (best)"
         " | total (median) | raw loop |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r.subscribers:,} | {r.burst} | {r.hub_ns:.0f} | {r.flush_ns:.0f} "
+            f"| {r.codec} | {r.subscribers:,} | {r.burst} | {r.hub_ns:.0f} | {r.flush_ns:.0f} "
             f"| {r.total_ns:.0f} | {r.total_median_ns:.0f} | {r.raw_ns:.0f} |"
         )
     return "\n".join(lines)
@@ -152,13 +168,15 @@ def main() -> None:
     parser.add_argument("--bursts", default="1,10", help="publications per loop iteration")
     parser.add_argument("--publications", type=int, default=300)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated")
     parser.add_argument("--name", default="hotpath", help="results: bench/results/<name>.md")
     args = parser.parse_args()
     results = []
-    for burst in (int(b) for b in args.bursts.split(",")):
-        r = uvloop.run(measure(args.subscribers, burst, args.publications, args.reps))
-        print(r, flush=True)
-        results.append(r)
+    for codec in args.codecs.split(","):
+        for burst in (int(b) for b in args.bursts.split(",")):
+            r = uvloop.run(measure(codec, args.subscribers, burst, args.publications, args.reps))
+            print(r, flush=True)
+            results.append(r)
     title = "Fan-out hot path in-process (ns of Python per delivery)"
     print(write_results(args.name, title, vars(args), results, summarize(results)))
 

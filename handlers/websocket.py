@@ -24,7 +24,7 @@ import tornado.web
 
 from server import wsframe
 from server.codec import Codec
-from server.errors import SHUTDOWN, Disconnect, SquallError
+from server.errors import NO_PONG, SHUTDOWN, Disconnect, SquallError
 from server.node import Node
 from server.protocol import SQUALL
 from server.session import Session, State
@@ -336,6 +336,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def check_alive(self) -> None:
         if self._pinged and not self._heard and self._transport is not None:
+            session = self.session
+            if self._frames.ping is not None and session is not None and not session.closed:
+                # A protocol that pings in-band says why it closes.
+                session.disconnect(NO_PONG, flush=False)
+                return
             log.debug("no answer to a ping: dropping the connection")
             self._transport.abort()
 

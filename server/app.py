@@ -21,6 +21,7 @@ from handlers.pages import (
 from handlers.sse import SSEHandler
 from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
 from handlers.websocket import WebSocketConnections, WebSocketHandler
+from server.codecs.centrifuge import CENTRIFUGE_JSON, SUBPROTOCOLS
 from server.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +49,20 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(node: Node) -> tornado.web.Application:
     args = {"node": node}
-    ws_args = {"node": node, "connections": WebSocketConnections(node)}
+    connections = WebSocketConnections(node)
+    ws_args = {"node": node, "connections": connections}
+    # The Centrifugo client protocol: JSON, or Protobuf when the client asks
+    # for the "centrifuge-protobuf" subprotocol (as its SDKs do).
+    centrifuge_args = {
+        "node": node,
+        "connections": connections,
+        "codec": CENTRIFUGE_JSON,
+        "subprotocols": SUBPROTOCOLS,
+    }
     return tornado.web.Application(
         [
             (r"/connection/websocket", WebSocketHandler, ws_args),
+            (r"/connection/centrifuge/websocket", WebSocketHandler, centrifuge_args),
             (r"/connection/sse", SSEHandler, args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),

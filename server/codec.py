@@ -76,6 +76,8 @@ class SubscribeResult:
     # The client asked to recover and the namespace keeps what it needs:
     # ``publications`` holds what it missed.
     recovering: bool = False
+    # The offset the client recovered from (when ``recovering``).
+    recovered_from: int = 0
     publications: list[Publication] = field(default_factory=list)
     # Seconds until the subscription token expires; None: it does not.
     ttl: int | None = None
@@ -154,6 +156,8 @@ class Codec(Protocol):
     subs_in_connect: bool
     # A connect refused for a bad or expired token also closes the connection.
     close_on_connect_error: bool
+    # A subscriber is told of its own join too (else only the others are).
+    join_self: bool
     # The application-level ping message, or None: the transport's own ping.
     ping: bytes | None
 

@@ -97,6 +97,15 @@ class TooManyRequests(SquallError):
     http_status = 429
 
 
+class BadSubscriptionToken(PermissionDenied):
+    """A subscription token that does not verify (Squall's protocol answers
+    "permission denied"; ``expired`` says whether only its time is up)."""
+
+    def __init__(self, message: str | None = None, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
 class Unrecoverable(SquallError):
     code = 112
     message = "unrecoverable position"
@@ -142,6 +151,7 @@ SLOW = Disconnect(3008, "slow")
 WRITE_ERROR = Disconnect(3009, "write error")
 INSUFFICIENT_STATE = Disconnect(3010, "insufficient state")
 FORCE_RECONNECT = Disconnect(3011, "force reconnect")
+NO_PONG = Disconnect(3012, "no pong")
 # Do-not-reconnect range.
 INVALID_TOKEN = Disconnect(3500, "invalid token")
 BAD_REQUEST = Disconnect(3501, "bad request")
@@ -155,6 +165,7 @@ ALL_DISCONNECTS = (
     WRITE_ERROR,
     INSUFFICIENT_STATE,
     FORCE_RECONNECT,
+    NO_PONG,
     INVALID_TOKEN,
     BAD_REQUEST,
     CONNECT_TIMEOUT,

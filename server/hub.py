@@ -67,11 +67,13 @@ class Hub:
         return count
 
     def broadcast_join(self, channel: str, info: ClientInfo) -> None:
-        """Tell the channel's local subscribers, except the one who joined."""
+        """Tell the channel's local subscribers; the one who joined only
+        where its protocol says so (``Codec.join_self``)."""
         for codec, subs in self._channels.get(channel, {}).items():
             message = codec.join(channel, info)
+            skip = "" if codec.join_self else info.client
             for session in subs:
-                if session.client_id != info.client:
+                if session.client_id != skip:
                     session.send(message)
 
     def broadcast_leave(self, channel: str, info: ClientInfo) -> None:

@@ -198,6 +198,7 @@ class SquallCodec:
     methods: frozenset[str] = METHODS
     subs_in_connect: bool = False
     close_on_connect_error: bool = True
+    join_self: bool = False
     ping: bytes | None = None
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:

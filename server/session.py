@@ -219,6 +219,12 @@ class _RateLimiter:
         return False
 
 
+def _ttl(exp: float) -> int:
+    """Whole seconds left until ``exp``, counted as the token's own clock
+    does (whole seconds since the epoch)."""
+    return max(0, int(exp) - int(time.time()))
+
+
 def _int_param(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
     value = params.get(name, default)
     if value is None:
@@ -633,7 +639,7 @@ class Session:
             node=self.node.node_id,
             ping=self.node.settings.limits.ping_interval,
             expires=bool(self.exp),
-            ttl=max(0, int(self.exp - time.time())) if self.exp else None,
+            ttl=_ttl(self.exp) if self.exp else None,
         )
 
     async def _subscribe_token_channels(
@@ -722,12 +728,7 @@ class Session:
                 token = params.get("token")
                 if token is None:
                     raise errors.PermissionDenied("a subscription token is required")
-                try:
-                    token_exp = self.node.auth.verify_subscription_token(
-                        token, user=self.user, client=self.client_id, channel=name
-                    )
-                except SquallError as exc:
-                    raise errors.PermissionDenied(f"subscription token: {exc.message}") from None
+                token_exp = self._verify_subscription_token(token, name)
         if recover and (offset is None or epoch is None):
             raise errors.BadRequest("'recover' needs 'offset' and 'epoch'")
         # Register first and hold live publications, then read the position or
@@ -748,6 +749,7 @@ class Session:
                     recoverable=True,
                     recovered=recovery.recovered,
                     recovering=True,
+                    recovered_from=offset,
                     publications=recovery.publications,
                 )
                 self.node.metrics.count_recovery(recovery.recovered)
@@ -760,7 +762,7 @@ class Session:
                     recovered=False if recover else None,
                 )
             if token_exp:
-                result.ttl = max(0, int(token_exp - time.time()))
+                result.ttl = _ttl(token_exp)
         except BaseException:
             self._stop_buffering(name)
             self.subs.pop(name, None)
@@ -875,21 +877,26 @@ class Session:
             raise errors.Unauthorized("token is for another user")
         self.exp = claims.exp
         self._set_timer(self.exp - time.time(), self._on_token_expired)
-        ttl = max(0, int(self.exp - time.time()))
-        return RefreshResult(self.client_id, self.node.version, True, ttl)
+        return RefreshResult(self.client_id, self.node.version, True, _ttl(self.exp))
 
     async def _cmd_sub_refresh(self, params: dict[str, Any]) -> SubRefreshResult:
         """A fresh subscription token for a private channel held now."""
         channel = self._subscribed_channel(params)
         if not channel.options.private:
             raise errors.BadRequest("only a private channel has a token to refresh")
+        exp = self._verify_subscription_token(params.get("token"), channel.name)
+        return SubRefreshResult(True, _ttl(exp))
+
+    def _verify_subscription_token(self, token: object, channel: str) -> float:
         try:
-            exp = self.node.auth.verify_subscription_token(
-                params.get("token"), user=self.user, client=self.client_id, channel=channel.name
+            return self.node.auth.verify_subscription_token(
+                token, user=self.user, client=self.client_id, channel=channel
             )
         except SquallError as exc:
-            raise errors.PermissionDenied(f"subscription token: {exc.message}") from None
-        return SubRefreshResult(True, max(0, int(exp - time.time())))
+            raise errors.BadSubscriptionToken(
+                f"subscription token: {exc.message}",
+                expired=isinstance(exc, errors.TokenExpired),
+            ) from None
 
     async def _cmd_rpc(self, params: dict[str, Any]) -> Empty:
         raise errors.NotAvailable("this server has no RPC handlers")
