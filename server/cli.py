@@ -290,6 +290,7 @@ def _banner(settings: Settings, port: int, what: str, secrets_path: Path | None)
         f"Squall {__version__} serving on http://{base}/ ({what})",
         f"  WebSocket: ws://{base}/connection/websocket",
         f"  SSE:       http://{base}/connection/sse?channel=<name>",
+        f"  Centrifugo SDKs: ws://{base}/connection/centrifuge/websocket",
         f"  HTTP API:  http://{base}/api/<method>  (Authorization: apikey <key>)",
     ]
     if settings.server.demo:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from server.codecs.centrifuge import METHODS as CENTRIFUGE_METHODS
 from server.errors import Disconnect
 from server.protocol import METHODS
 
@@ -110,7 +111,7 @@ class Metrics:
 
 
 # Only known methods get their own label, so clients cannot grow it.
-_KNOWN_METHODS = METHODS
+_KNOWN_METHODS = METHODS | CENTRIFUGE_METHODS
 
 
 class _Collector:
@@ -124,6 +125,18 @@ class _Collector:
         yield GaugeMetricFamily(
             "squall_connections", "Open client connections", value=len(node.sessions)
         )
+        by_protocol: dict[str, int] = {}
+        for session in node.sessions.values():
+            name = session.codec.name
+            by_protocol[name] = by_protocol.get(name, 0) + 1
+        protocols = GaugeMetricFamily(
+            "squall_protocol_connections",
+            "Open client connections by protocol",
+            labels=["protocol"],
+        )
+        for name, n in sorted(by_protocol.items()):
+            protocols.add_metric([name], n)
+        yield protocols
         yield GaugeMetricFamily(
             "squall_subscriptions", "Local subscriptions", value=node.hub.subscription_count
         )

@@ -265,9 +265,17 @@ def _str(request: dict[str, Any], key: str) -> str:
     return value
 
 
+# Requests that name a channel; without one Centrifugo closes the connection.
+CHANNEL_REQUESTS = frozenset(
+    {"subscribe", "unsubscribe", "publish", "presence", "presence_stats", "history", "sub_refresh"}
+)
+
+
 def _core_params(method: str, request: dict[str, Any]) -> dict[str, Any]:
     """A request's fields in the core's terms. Zero values mean "not set",
     as in the protocol's Protobuf form."""
+    if method in CHANNEL_REQUESTS and request.get("channel") in (None, ""):
+        raise ProtocolViolation(f"'{method}' needs a channel")
     if method == "connect":
         params: dict[str, Any] = {"token": _str(request, "token") or None}
         subs = request.get("subs")

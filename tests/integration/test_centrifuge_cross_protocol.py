@@ -178,6 +178,26 @@ async def test_one_channel_every_protocol_memory_broker(make_server: ServerFacto
     await publish_from_every_protocol([server])
 
 
+async def test_metrics_count_connections_by_protocol(make_server: ServerFactory) -> None:
+    server = await make_server(NAMESPACES)
+    _, cj, cp, _ = await subscribers([server], "room:m")
+    client = tornado.httpclient.AsyncHTTPClient()
+    text = (await client.fetch(f"{server.http_url}/metrics")).body.decode()
+    cj.ws.close()
+    cp.ws.close()
+    for protocol in ("squall", "centrifuge-json", "centrifuge-protobuf"):
+        assert f'squall_protocol_connections{{protocol="{protocol}"}} 1.0' in text
+
+
+async def test_a_text_frame_on_a_protobuf_connection_closes_it(make_server: ServerFactory) -> None:
+    server = await make_server(NAMESPACES)
+    cp = await CentProto.open(server)
+    cp.ws.write_message('{"id":1,"connect":{}}')
+    assert await asyncio.wait_for(cp.ws.read_message(), 5) is None
+    assert (cp.ws.close_code, cp.ws.close_reason) == (3501, "bad request")
+    cp.ws.close()
+
+
 @pytest.mark.slow
 async def test_one_channel_every_protocol_across_nodes_on_redis(
     make_server: ServerFactory, redis_server: Any, prefix: str

@@ -461,6 +461,13 @@ async def script(s: Session) -> None:
     i = a.call("history", {"channel": CHAT, "limit": -1})
     await s.record("history_all", got_reply(a, i))
 
+    since = {"offset": 1, "epoch": "not-the-epoch"}
+    i = a.call("history", {"channel": CHAT, "limit": 10, "since": since})
+    await s.record("history_unrecoverable_position", got_reply(a, i))
+
+    i = a.call("publish", {"channel": CHAT})
+    await s.record("publish_without_data", got_reply(a, i))
+
     # -- recovery ---------------------------------------------------------------------------
     c = await s.connect("C", "carol")
     await s.record("recover_setup", got_reply(c, 1))
@@ -503,6 +510,12 @@ async def script(s: Session) -> None:
     await s.record("unknown_command_setup", got_reply(n, 1))
     n.send({"id": 2, "bogus": {"channel": CHAT}})
     await s.record("unknown_command", answered(n, 2))
+    s.close(n)
+
+    n = await s.connect("N11", "nameless")
+    await s.record("empty_channel_setup", got_reply(n, 1))
+    n.send({"id": 2, "subscribe": {"channel": ""}})
+    await s.record("empty_channel", answered(n, 2))
     s.close(n)
 
     n = await s.connect("N10", "garbler")
@@ -672,6 +685,9 @@ async def test_session_on_centrifugo(centrifugo: CentrifugoServer) -> None:
     assert first(t["recover_wrong_epoch"], "D")["subscribe"].get("recovered") is not True
 
     assert t["malformed_json"]["N10"][-1]["<closed>"]["code"] == 3501
+    assert first(t["history_unrecoverable_position"], "A")["error"]["code"] == 112
+    assert first(t["publish_without_data"], "A")["error"]["code"] == 107
+    assert t["empty_channel"]["N11"][-1]["<closed>"]["code"] == 3501
     assert t["server_ping"] == {"P1": [{}], "P2": [{}]}
     assert t["no_pong"]["P2"][-1]["<closed>"] == {"code": 3012, "reason": "no pong"}
     assert "error" in first(t["pong_keeps_the_connection"], "P1")
