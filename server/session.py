@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     from server.metrics import Metrics
     from server.node import Node
 
+# Seconds a subscription outlives its expired token, for a refresh on the
+# way (as Centrifugo's default grace).
+SUB_EXPIRY_GRACE = 25.0
+
 # Publishes of one client in flight at once (pipelined brokers only); past
 # it, the client's next command waits, and so does reading its socket.
 MAX_INFLIGHT_PUBLISHES = 256
@@ -280,6 +284,7 @@ class Session:
         "_qbytes",
         "_queue",
         "_shared",
+        "_sub_expiry",
         "_timer",
         "_token_channels",
         "_writing",
@@ -323,6 +328,9 @@ class Session:
         # session's publications through push_pub rather than the fast path.
         self._buffering: dict[str, _Joining] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Private subscriptions whose token expires, where the protocol can
+        # refresh one (sub_refresh): channel -> the check at expiry.
+        self._sub_expiry: dict[str, asyncio.TimerHandle] | None = None
         self._token_channels: list[str] = []
         # While set, subscriptions being set up release their held
         # publications only when the caller says (after a connect reply that
@@ -448,6 +456,9 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        expiry, self._sub_expiry = self._sub_expiry, None
+        for handle in (expiry or {}).values():
+            handle.cancel()
         # Leave the hub on the next loop iteration: the hub may be iterating
         # over this channel's subscribers right now.
         self.node.forget_session_soon(self)
@@ -763,6 +774,7 @@ class Session:
                 )
             if token_exp:
                 result.ttl = _ttl(token_exp)
+                self._expire_subscription_at(name, token_exp)
         except BaseException:
             self._stop_buffering(name)
             self.subs.pop(name, None)
@@ -814,6 +826,10 @@ class Session:
         return EMPTY
 
     async def unsubscribe(self, name: str) -> None:
+        if self._sub_expiry is not None:
+            handle = self._sub_expiry.pop(name, None)
+            if handle is not None:
+                handle.cancel()
         channel = self.subs.pop(name, None)
         self._stop_buffering(name)
         if channel is None:
@@ -885,7 +901,33 @@ class Session:
         if not channel.options.private:
             raise errors.BadRequest("only a private channel has a token to refresh")
         exp = self._verify_subscription_token(params.get("token"), channel.name)
+        self._expire_subscription_at(channel.name, exp)
         return SubRefreshResult(True, _ttl(exp))
+
+    def _expire_subscription_at(self, name: str, exp: float) -> None:
+        """End the subscription ``name`` when its token expires, unless it is
+        refreshed first: only where the protocol can refresh it (Squall's
+        own has no ``sub_refresh``, and its private subscriptions last)."""
+        if "sub_refresh" not in self.codec.methods:
+            return
+        if self._sub_expiry is None:
+            self._sub_expiry = {}
+        old = self._sub_expiry.pop(name, None)
+        if old is not None:
+            old.cancel()
+        delay = max(0.0, exp - time.time()) + SUB_EXPIRY_GRACE
+        loop = asyncio.get_running_loop()
+        self._sub_expiry[name] = loop.call_later(delay, self._subscription_expired, name)
+
+    def _subscription_expired(self, name: str) -> None:
+        if self._sub_expiry is not None:
+            self._sub_expiry.pop(name, None)
+        if self.closed or name not in self.subs:
+            return
+        # Unsubscribed with a code that asks the client to subscribe again
+        # (and so to fetch a new token).
+        self.node.spawn(self.unsubscribe(name))
+        self.send(self.codec.unsubscribe(name, 2501, "subscription expired"))
 
     def _verify_subscription_token(self, token: object, channel: str) -> float:
         try:

@@ -13,6 +13,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+from server import session as session_module
 from server.codecs import centrifuge_pb2
 from server.codecs.centrifuge import CENTRIFUGE_PROTOBUF, _uvarint
 from tests.conftest import RawWS, Running, ServerFactory
@@ -205,3 +206,33 @@ async def test_one_channel_every_protocol_across_nodes_on_redis(
     config = {"broker": {"url": redis_server.url, "prefix": prefix}, **NAMESPACES}
     nodes = [await make_server(config) for _ in range(3)]
     await publish_from_every_protocol(nodes)
+
+
+async def test_a_private_subscription_ends_when_its_token_expires_unless_refreshed(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "SUB_EXPIRY_GRACE", 0.0)
+    server = await make_server({"namespaces": {"vip": {"private": True}}})
+    expiring, refreshed = await CentJSON.open(server), await CentJSON.open(server)
+    ids = []
+    for client in (expiring, refreshed):
+        ids.append((await client.call("connect", {"token": server.token("vic")}))["client"])
+        token = server.token("vic", channel="vip:a", ttl=2)
+        assert (await client.call("subscribe", {"channel": "vip:a", "token": token}))["ttl"] <= 2
+    longer = server.token("vic", channel="vip:a", ttl=60)
+    assert (await refreshed.call("sub_refresh", {"channel": "vip:a", "token": longer}))["ttl"] > 50
+    # Unsubscribed with 2501: the SDK subscribes again with a new token.
+    frame = await asyncio.wait_for(expiring.ws.read_message(), 5)
+    assert frame is not None and orjson.loads(frame) == {
+        "push": {
+            "channel": "vip:a",
+            "unsubscribe": {"code": 2501, "reason": "subscription expired"},
+        }
+    }
+    await server.api().publish("vip:a", "after")
+    assert (await refreshed.pub())["data"] == "after"
+    assert not expiring.pubs
+    assert list(server.node.sessions[ids[0]].subs) == []
+    assert list(server.node.sessions[ids[1]].subs) == ["vip:a"]
+    for client in (expiring, refreshed):
+        client.ws.close()
