@@ -158,6 +158,9 @@ class Codec(Protocol):
     close_on_connect_error: bool
     # A subscriber is told of its own join too (else only the others are).
     join_self: bool
+    # Seconds a connection outlives its expired token before it is closed
+    # (a refresh may be on its way).
+    expiry_grace: float
     # The application-level ping message, or None: the transport's own ping.
     ping: bytes | None
 

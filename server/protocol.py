@@ -199,6 +199,7 @@ class SquallCodec:
     subs_in_connect: bool = False
     close_on_connect_error: bool = True
     join_self: bool = False
+    expiry_grace: float = 0.0
     ping: bytes | None = None
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:

@@ -359,10 +359,15 @@ class Session:
             self.disconnect(errors.CONNECT_TIMEOUT)
 
     def _on_token_expired(self) -> None:
-        if self.state is State.CONNECTED and self.exp and self.exp <= time.time():
+        if self.state is not State.CONNECTED or not self.exp:
+            return
+        # Past the token's expiry by the protocol's grace: a refresh that is
+        # on its way at the moment of expiry still lands.
+        left = self.exp + self.codec.expiry_grace - time.time()
+        if left <= 0:
             self.disconnect(errors.EXPIRED)
-        elif self.state is State.CONNECTED and self.exp:
-            self._set_timer(self.exp - time.time(), self._on_token_expired)
+        else:
+            self._set_timer(left, self._on_token_expired)
 
     # ---- sending --------------------------------------------------------
 

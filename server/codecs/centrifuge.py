@@ -146,6 +146,9 @@ class _Centrifuge:
     close_on_connect_error = False
     # Centrifugo tells a subscriber of its own join (after the reply).
     join_self = True
+    # The SDKs refresh a token when its ttl runs out; like Centrifugo, the
+    # connection closes (3005) only if no refresh came 25 s after that.
+    expiry_grace = 25.0
     ping: bytes | None = None
 
     def violation(self) -> Disconnect:

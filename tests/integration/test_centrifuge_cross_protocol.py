@@ -15,7 +15,7 @@ import tornado.websocket
 
 from server import session as session_module
 from server.codecs import centrifuge_pb2
-from server.codecs.centrifuge import CENTRIFUGE_PROTOBUF, _uvarint
+from server.codecs.centrifuge import CENTRIFUGE_PROTOBUF, CentrifugeJSON, _uvarint
 from tests.conftest import RawWS, Running, ServerFactory
 
 pb: Any = centrifuge_pb2
@@ -235,4 +235,24 @@ async def test_a_private_subscription_ends_when_its_token_expires_unless_refresh
     assert list(server.node.sessions[ids[0]].subs) == []
     assert list(server.node.sessions[ids[1]].subs) == ["vip:a"]
     for client in (expiring, refreshed):
+        client.ws.close()
+
+
+async def test_an_expired_connection_closes_after_the_grace_unless_refreshed(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(CentrifugeJSON, "expiry_grace", 1.0)
+    server = await make_server(NAMESPACES)
+    late, fresh = await CentJSON.open(server), await CentJSON.open(server)
+    for client in (late, fresh):
+        reply = await client.call("connect", {"token": server.token("eve", ttl=1)})
+        assert reply["expires"] is True and reply["ttl"] <= 1
+    # Refreshed after the token ran out, within the grace: still connected.
+    await asyncio.sleep(1.2)
+    refreshed = await fresh.call("refresh", {"token": server.token("eve", ttl=60)})
+    assert refreshed["ttl"] > 50
+    assert await asyncio.wait_for(late.ws.read_message(), 5) is None
+    assert (late.ws.close_code, late.ws.close_reason) == (3005, "expired")
+    assert "epoch" in await fresh.call("subscribe", {"channel": "room:alive"})
+    for client in (late, fresh):
         client.ws.close()
