@@ -586,7 +586,7 @@ class Session:
                 handler = getattr(self, "_cmd_" + method)
                 result = await handler(command.params)
         except SquallError as exc:
-            self._deferred = None
+            self._release_deferred()
             self.node.metrics.count_error(exc.code)
             if not self.closed:
                 self._send_or_close(self.codec.error(command, exc))
@@ -602,7 +602,7 @@ class Session:
                     self.disconnect(close)
             return
         except Exception:
-            self._deferred = None
+            self._release_deferred()
             log.exception("command %s failed for %s", method, self.client_id)
             self.node.metrics.count_error(errors.InternalError.code)
             self._send_or_close(self.codec.error(command, errors.InternalError()))
@@ -617,6 +617,14 @@ class Session:
                 else:
                     # Server-side subscriptions from the token follow the reply.
                     await self._subscribe_token_channels(command.params)
+
+    def _release_deferred(self) -> None:
+        """Subscriptions set up for a reply that will not go out still
+        release what they hold (after this iteration, as usual)."""
+        deferred, self._deferred = self._deferred, None
+        loop = asyncio.get_running_loop()
+        for release in deferred or ():
+            loop.call_soon(release)
 
     async def _connect(self, params: dict[str, Any]) -> ConnectResult:
         if self.state is not State.CONNECTING:

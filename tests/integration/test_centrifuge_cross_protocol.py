@@ -256,3 +256,24 @@ async def test_an_expired_connection_closes_after_the_grace_unless_refreshed(
     assert "epoch" in await fresh.call("subscribe", {"channel": "room:alive"})
     for client in (late, fresh):
         client.ws.close()
+
+
+async def test_server_side_subscriptions_come_in_the_connect_reply_and_recover(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(NAMESPACES)
+    api = server.api()
+    first = await api.publish("room:s", {"n": 1})
+    for n in (2, 3):
+        await api.publish("room:s", {"n": n})
+    client = await CentJSON.open(server)
+    token = server.token("sid", channels=["room:s"])
+    position = {"recover": True, "offset": first["offset"], "epoch": first["epoch"]}
+    reply = await client.call("connect", {"token": token, "subs": {"room:s": position}})
+    sub = reply["subs"]["room:s"]
+    assert sub["recovered"] is True and sub["was_recovering"] is True
+    assert [p["data"]["n"] for p in sub["publications"]] == [2, 3]
+    # Live publications follow, once each.
+    await api.publish("room:s", {"n": 4})
+    assert (await client.pub())["data"] == {"n": 4}
+    client.ws.close()
