@@ -504,3 +504,47 @@ async def test_any_frame_gets_a_reply_or_a_close(
         assert 3000 <= transport.closed.code <= 3999
     session.disconnect(Disconnect(3001, "test over"))
     await asyncio.sleep(0)
+
+
+class CountingCodec(type(JSON)):  # type: ignore[misc]
+    """The JSON codec, counting the publications it encodes."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def pub(self, pub: Publication) -> bytes:
+        self.encoded += 1
+        return super().pub(pub)
+
+
+async def test_a_publication_is_encoded_once_per_codec_not_per_subscriber(node: Node) -> None:
+    counting = CountingCodec()
+    squall_transports = [RecordingTransport() for _ in range(3)]
+    cent_transports = [RecordingTransport() for _ in range(4)]
+    sessions = [Session(node, t) for t in squall_transports]
+    sessions += [Session(node, t, counting) for t in cent_transports]
+    token = mint_token(node.settings.auth, sub="many")
+    for session in sessions:
+        if session.codec is counting:
+            await session.handle_frame(orjson.dumps({"id": 1, "connect": {"token": token}}))
+            await session.handle_frame(orjson.dumps({"id": 2, "subscribe": {"channel": "news"}}))
+        else:
+            await session.handle_frame(
+                orjson.dumps({"id": 1, "method": "connect", "params": {"token": token}})
+            )
+            await session.handle_frame(
+                orjson.dumps({"id": 2, "method": "subscribe", "params": {"channel": "news"}})
+            )
+    await asyncio.sleep(0)
+    node.on_publication(Publication("news", 1, "ep", b'{"x":1}'))
+    for session in sessions:
+        session.flush()
+    assert counting.encoded == 1
+    # Every subscriber of a codec got the very same bytes object.
+    assert len({id(t.items[-1]) for t in cent_transports}) == 1
+    assert len({id(t.items[-1]) for t in squall_transports}) == 1
+    assert orjson.loads(cent_transports[0].items[-1])["push"]["pub"]["data"] == {"x": 1}
+    assert orjson.loads(squall_transports[0].items[-1])["pub"]["data"] == {"x": 1}
+    for session in sessions:
+        session.disconnect(Disconnect(3001, "test over"))
+    await asyncio.sleep(0)
