@@ -187,6 +187,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_leftover",
         "_parser",
         "_pinged",
+        "_pong",
         "_reading_paused",
         "_registry",
         "_session_gone",
@@ -204,6 +205,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._registry = registry
         self._codec = codec
         self._frames = registry.frames(codec)
+        self._pong = codec.pong
         self._leftover = leftover
         self._parser = wsframe.FrameParser(registry.max_message)
         self._transport: asyncio.Transport | None = None
@@ -257,6 +259,8 @@ class WebSocketConnection(asyncio.Protocol):
                     # A text frame on a binary protocol cannot be a command.
                     self._refuse_frame()
                     return
+                if payload == self._pong:
+                    continue  # an answer to our ping: hearing it is enough
                 self._on_message(payload)
             elif opcode == wsframe.OP_PING:
                 if not self._closing and self._transport is not None:

@@ -163,6 +163,9 @@ class Codec(Protocol):
     expiry_grace: float
     # The application-level ping message, or None: the transport's own ping.
     ping: bytes | None
+    # The client's usual answer to it, which the transport takes without
+    # waking the session (anything else still goes to ``decode``).
+    pong: bytes | None
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
         """Split a frame into commands (a pong is no command). Raises

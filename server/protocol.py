@@ -201,6 +201,7 @@ class SquallCodec:
     join_self: bool = False
     expiry_grace: float = 0.0
     ping: bytes | None = None
+    pong: bytes | None = None
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
         return parse_frame(frame)

@@ -146,6 +146,7 @@ class _Centrifuge:
     close_on_connect_error = False
     # Centrifugo tells a subscriber of its own join (after the reply).
     join_self = True
+    pong: bytes | None = None
     # The SDKs refresh a token when its ttl runs out; like Centrifugo, the
     # connection closes (3005) only if no refresh came 25 s after that.
     expiry_grace = 25.0
@@ -328,6 +329,7 @@ class CentrifugeJSON(_Centrifuge):
     name = "centrifuge-json"
     binary = False
     ping = b"{}"
+    pong = b"{}"
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
         lines = [line for line in frame.split(b"\n") if line.strip()]
@@ -464,6 +466,7 @@ class CentrifugeProtobuf(_Centrifuge):
     name = "centrifuge-protobuf"
     binary = True
     ping = b"\x00"  # an empty Reply, length-prefixed
+    pong = b"\x00"  # an empty Command
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
         out: list[Command | InvalidCommand] = []
