@@ -54,7 +54,7 @@ clean:
 
 # Benchmarks (bench/README.md): every scenario against its peers, written to
 # bench/results/ (JSON, markdown tables, PNG plots). One target per scenario;
-# `make bench` runs them all (about 60 minutes on 2 cores).
+# `make bench` runs them all (about 65 minutes on 2 cores).
 BENCH_STAMP := bench/node/node_modules/.installed
 $(BENCH_STAMP): bench/node/package.json bench/node/package-lock.json
 	cd bench/node && npm ci --no-audit --no-fund --silent
@@ -85,7 +85,7 @@ bench-fanout: bench-deps
 .PHONY: bench-codecs
 bench-codecs: bench-deps
 	@scripts/build-centrifugo.sh
-	$(BIN)/python -m bench.codecs --subscribers 100,1000,10000 --reps 3 --reps-large 1 $(BENCH_ARGS)
+	$(BIN)/python -m bench.codecs --subscribers 100,1000,10000 --reps 3 $(BENCH_ARGS)
 
 bench-idle: bench-deps
 	$(BIN)/python -m bench.idle --connections 1000,5000 $(BENCH_ARGS)

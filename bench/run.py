@@ -35,7 +35,17 @@ from typing import Any
 
 import uvloop
 
-from bench.wsproto import OFFSET, SEQ, Subscriber, frame, until
+from bench.wsproto import (
+    OFFSET,
+    SEQ,
+    CentrifugeJSON,
+    CentrifugeProtobuf,
+    HttpPublisher,
+    Subscriber,
+    delimited,
+    frame,
+    until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -51,7 +61,46 @@ max_connections = 100000
 [namespaces.bench]
 allow_publish = true
 history_size = 100
+history_ttl = 600.0
+recover = true
 """
+
+
+def centrifugo_config(port: int) -> dict[str, Any]:
+    """Centrifugo with the setting of Squall's: the ``bench`` namespace keeps
+    100 publications for 600 s with recovery on; clients may subscribe (and
+    publish, for ``--publish ws``); publishing through the HTTP API takes the
+    API key."""
+    return {
+        "client": {
+            "token": {"hmac_secret_key": SECRET},
+            "allowed_origins": ["*"],
+        },
+        "http_api": {"key": API_KEY},
+        "http_server": {"address": "127.0.0.1", "port": port},
+        "log": {"level": "error"},
+        "usage_stats": {"disabled": True},
+        # Its clients are gone by then: do not wait 30 s for them at exit.
+        "shutdown": {"timeout": "3s"},
+        "channel": {
+            "namespaces": [
+                {
+                    "name": "bench",
+                    "history_size": 100,
+                    "history_ttl": "600s",
+                    "force_recovery": True,
+                    "allow_subscribe_for_client": True,
+                    "allow_publish_for_client": True,
+                }
+            ]
+        },
+    }
+
+
+def centrifugo_binary() -> Path:
+    from tests.centrifuge_servers import centrifugo_binary
+
+    return centrifugo_binary()
 
 
 @dataclass
@@ -73,6 +122,7 @@ class Result:
     frames_per_delivery: float = 1.0  # < 1: several publications shared a frame
     burst: int = 1
     scenario: str = "fanout"
+    publish: str = "ws"  # how publications went in: WebSocket, or the HTTP API
 
 
 def raise_fd_limit(want: int) -> None:
@@ -115,6 +165,10 @@ class Peer:
     sub: tuple[bytes, ...] = (b"sub",)  # what a subscriber sends after the handshake
     hello: tuple[bytes, ...] = ()  # what the publisher sends first
     wrap: tuple[bytes, bytes] = (b"", b"")  # around a publication's JSON
+    client: type[Subscriber] = Subscriber  # what parses a subscriber's frames
+    protocol: str = ""  # the WebSocket subprotocol subscribers ask for
+    # Where a WebSocket publisher connects ("": ``path``) and what it speaks.
+    publisher_path: str = ""
 
 
 _SOCKETIO = dict(
@@ -136,6 +190,21 @@ PEERS: dict[str, Peer] = {
 # Squall on Redis: one process, and two workers (CPU counts every Squall
 # process and the Redis server).
 PEERS["squall_redis"] = PEERS["squall_2workers"] = PEERS["squall"]
+# Squall with subscribers on its Centrifugo endpoint (JSON, and Protobuf by
+# subprotocol, as the SDKs ask); a WebSocket publisher speaks Squall's own
+# protocol on /connection/websocket, so only the subscribers' codec differs.
+_CENTRIFUGE = dict(path="/connection/centrifuge/websocket", publisher_path="/connection/websocket")
+PEERS["squall_cf_json"] = Peer(PEERS["squall"].cmd, client=CentrifugeJSON, **_CENTRIFUGE)  # type: ignore[arg-type]
+PEERS["squall_cf_protobuf"] = Peer(
+    PEERS["squall"].cmd,
+    client=CentrifugeProtobuf,
+    protocol="centrifuge-protobuf",
+    **_CENTRIFUGE,  # type: ignore[arg-type]
+)
+# Centrifugo itself (the binary tests/centrifuge_servers.py builds), one core
+# (GOMAXPROCS=1), its subscribers speaking its JSON protocol.
+PEERS["centrifugo"] = Peer(("{centrifugo}", "--config", "{config}"), client=CentrifugeJSON)
+CODEC_PEERS = "squall,squall_cf_json,squall_cf_protobuf,centrifugo"
 DEFAULT_PEERS = "raw_asyncio,plain_tornado,python_socketio,node_ws,node_socketio,squall"
 
 
@@ -149,6 +218,15 @@ def start_peer(
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     cmd = [c.replace("{port}", str(port)) for c in PEERS[peer].cmd] + list(args)
+    if peer == "centrifugo":
+        binary = centrifugo_binary()
+        if not binary.exists():
+            raise RuntimeError(f"no Centrifugo binary at {binary}: scripts/build-centrifugo.sh")
+        config = workdir / "centrifugo.json"
+        config.write_text(json.dumps(centrifugo_config(port)))
+        cmd = [c.replace("{centrifugo}", str(binary)).replace("{config}", str(config)) for c in cmd]
+        # One core, like Squall's one process (pinned to the same CPU).
+        env["GOMAXPROCS"] = "1"
     if peer.startswith("squall"):
         config = workdir / "bench.toml"
         config.write_text(SQUALL_CONFIG)
@@ -175,13 +253,19 @@ def start_peer(
                 "--",
                 *cmd,
             ]
-    proc = subprocess.Popen([*pin, *cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    # Centrifugo logs to stderr: kept in the run's directory.
+    err = (workdir / "server.log").open("ab") if peer == "centrifugo" else None
+    proc = subprocess.Popen([*pin, *cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    if err is not None:
+        err.close()
     deadline = time.monotonic() + 30
     import socket
 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{peer} exited with {proc.returncode}")
+            log = workdir / "server.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{peer} exited with {proc.returncode} {tail}".strip())
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc
@@ -217,13 +301,15 @@ def squall_token(user: str) -> str:
 def hello(peer: str, user: str, channels: Sequence[str] = ()) -> list[bytes]:
     """What a subscriber sends once the handshake is done: to subscribe to
     ``channels`` (c17, ...) or, when none, to the one fan-out channel."""
+    names = [f"bench:{channel}" for channel in channels] or ["bench:fanout"]
+    if PEERS[peer].client is not Subscriber:
+        return centrifuge_hello(peer, user, names)
     if not peer.startswith("squall"):
         sub = list(PEERS[peer].sub)
         if channels:
             form = b'42["sub","%s"]' if PEERS[peer].hello else b"sub:%s"
             sub[-1:] = [form % channel.encode() for channel in channels]
         return sub
-    names = [f"bench:{channel}" for channel in channels] or ["bench:fanout"]
     return [
         json.dumps(
             {"id": 1, "method": "connect", "params": {"token": squall_token(user)}}
@@ -235,20 +321,51 @@ def hello(peer: str, user: str, channels: Sequence[str] = ()) -> list[bytes]:
     ]
 
 
+def centrifuge_hello(peer: str, user: str, channels: Sequence[str]) -> list[bytes]:
+    """Connect and subscribe commands in the Centrifugo protocol: JSON, or
+    length-prefixed Protobuf (the generated module encodes them)."""
+    token = squall_token(user)
+    if PEERS[peer].client is CentrifugeProtobuf:
+        from server.codecs import centrifuge_pb2 as pb
+
+        connect = pb.Command(id=1, connect=pb.ConnectRequest(token=token))  # type: ignore[attr-defined]
+        subscribes = [
+            pb.Command(id=2 + i, subscribe=pb.SubscribeRequest(channel=name))  # type: ignore[attr-defined]
+            for i, name in enumerate(channels)
+        ]
+        return [delimited(c.SerializeToString()) for c in [connect, *subscribes]]
+    return [
+        b'{"id":1,"connect":{"token":"%s"}}' % token.encode(),
+        *(
+            b'{"id":%d,"subscribe":{"channel":"%s"}}' % (2 + i, name.encode())
+            for i, name in enumerate(channels)
+        ),
+    ]
+
+
 def publisher_hello(peer: str) -> list[bytes]:
+    if peer == "centrifugo":
+        return [b'{"id":1,"connect":{"token":"%s"}}' % squall_token("publisher").encode()]
     if not peer.startswith("squall"):
         return list(PEERS[peer].hello)
-    return hello(peer, "publisher")[:1]
+    return hello("squall", "publisher")[:1]
 
 
-def message(peer: str, n: int, pad: str, channel: str = "") -> bytes:
+def message(peer: str, n: int, pad: str, channel: str = "", publish: str = "ws") -> bytes:
     """Publication ``n`` (its number within its channel; 0: a warm-up) to
-    ``channel`` (c17, ...) or, when empty, to the one fan-out channel."""
+    ``channel`` (c17, ...) or, when empty, to the one fan-out channel: a
+    WebSocket message in the peer's protocol, or with ``publish="http"`` the
+    body of an HTTP API publish."""
     data: dict[str, Any] = (
         {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
     )
+    name = f"bench:{channel}" if channel else "bench:fanout"
+    if publish == "http":
+        return json.dumps({"channel": name, "data": data}, separators=(",", ":")).encode()
+    if peer == "centrifugo":
+        body = {"id": 10 + n, "publish": {"channel": name, "data": data}}
+        return json.dumps(body, separators=(",", ":")).encode()
     if peer.startswith("squall"):
-        name = f"bench:{channel}" if channel else "bench:fanout"
         body = {"id": 10 + n, "method": "publish", "params": {"channel": name, "data": data}}
         return json.dumps(body, separators=(",", ":")).encode()
     before, after = PEERS[peer].wrap
@@ -269,6 +386,7 @@ async def one_run(
     scenario: str = "fanout",
     channels: int = 0,
     per_subscriber: int = 1,
+    publish: str = "ws",
 ) -> Result:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,6 +422,7 @@ async def one_run(
                     scenario,
                     channels,
                     per_subscriber,
+                    publish,
                 )
             finally:
                 stop_peer(proc)
@@ -337,11 +456,13 @@ async def _measure(
     scenario: str,
     channels: int = 0,
     per_subscriber: int = 1,
+    publish: str = "ws",
 ) -> Result:
     """Subscribe, warm up, publish, count; CPU of every process ``pids()``
     names (read when the measurement starts)."""
     ports = [port]
     path = PEERS[peer].path
+    client = PEERS[peer].client
 
     def chan(i: int) -> str:
         return f"c{i % channels}" if channels else ""
@@ -373,7 +494,7 @@ async def _measure(
         lat = latencies if i % every == 0 else None
         p = ports[i % len(ports)]
         _, protocol = await loop.create_connection(
-            lambda i=i, lat=lat, p=p: Subscriber(
+            lambda i=i, lat=lat, p=p: client(
                 path,
                 f"127.0.0.1:{p}",
                 hello(peer, f"u{i}", chans(i)),
@@ -381,6 +502,7 @@ async def _measure(
                 lat,
                 one_ready,
                 stepwise,
+                PEERS[peer].protocol,
             ),
             "127.0.0.1",
             p,
@@ -390,16 +512,44 @@ async def _measure(
             await asyncio.sleep(0)  # let handshakes progress
     await asyncio.wait_for(ready.wait(), 60 + subscribers / 200)
     pub_ready = asyncio.Event()
-    _, publisher = await loop.create_connection(
-        lambda: Subscriber(
-            path, f"127.0.0.1:{port}", publisher_hello(peer), SEQ, None, pub_ready.set, stepwise
-        ),
-        "127.0.0.1",
-        port,
-    )
+    publisher: Subscriber | HttpPublisher
+    if publish == "http":
+        # The server's HTTP API, one keep-alive connection, as a backend would.
+        header = f"Authorization: apikey {API_KEY}"
+        if peer == "centrifugo":
+            header = f"X-API-Key: {API_KEY}"
+        _, publisher = await loop.create_connection(
+            lambda: HttpPublisher(f"127.0.0.1:{port}", "/api/publish", header, pub_ready.set),
+            "127.0.0.1",
+            port,
+        )
+    else:
+        # Centrifugo's publisher speaks its protocol, and answers its pings.
+        speaker = CentrifugeJSON if peer == "centrifugo" else Subscriber
+        _, publisher = await loop.create_connection(
+            lambda: speaker(
+                PEERS[peer].publisher_path or path,
+                f"127.0.0.1:{port}",
+                publisher_hello(peer),
+                SEQ,
+                None,
+                pub_ready.set,
+                stepwise,
+            ),
+            "127.0.0.1",
+            port,
+        )
     await asyncio.wait_for(pub_ready.wait(), 10)
     assert publisher.transport is not None
-    if PEERS[peer].hello:
+    transport = publisher.transport
+    if isinstance(publisher, HttpPublisher):
+        send = publisher.publish
+    else:
+
+        def send(body: bytes) -> None:
+            transport.write(frame(body))
+
+    if PEERS[peer].hello and isinstance(publisher, Subscriber):
         # socket.io drops events sent before the namespace connect is
         # acknowledged: wait for the open packet and the "40" reply.
         for _ in range(200):
@@ -413,7 +563,7 @@ async def _measure(
     for i in range(400 + subscribers // 25):
         if i % 10 == 0:
             for c in range(max(1, channels)):
-                publisher.transport.write(frame(message(peer, 0, "", chan(c))))
+                send(message(peer, 0, "", chan(c), publish))
         await asyncio.sleep(0.05)
         if all(s.count or s.warm for s in subs):
             break
@@ -437,7 +587,7 @@ async def _measure(
         # Round robin over the channels; ``n`` counts within each channel.
         c = (n - 1) % max(1, channels)
         k = n if numbered_globally else (n - 1) // max(1, channels) + 1
-        publisher.transport.write(frame(message(peer, k, pad, chan(c))))
+        send(message(peer, k, pad, chan(c), publish))
         if interval and n % burst == 0:
             delay = t0 + (n // burst) * interval - time.perf_counter()
             if delay > 0:
@@ -455,9 +605,12 @@ async def _measure(
     own = sum(os.times()[:2]) - own0
     delivered = sum(s.count for s in subs)
     lost = sum(max(0, per_sub - (s.count - s.dup)) for s in subs)
+    refused = publisher.errors if isinstance(publisher, HttpPublisher) else []
     for s in [*subs, publisher]:
         if s.transport is not None:
             s.transport.close()
+    if refused:
+        raise RuntimeError(f"{peer}: publishes refused: {refused[:3]!r}")
     lat = sorted(latencies) or [0.0]
 
     def pct(p: float) -> float:
@@ -481,9 +634,10 @@ async def _measure(
         frames_per_delivery=round(sum(s.frames for s in subs) / max(delivered, 1), 3),
         burst=burst,
         scenario=scenario
-        if not channels
-        else f"{scenario}, {channels:,} channels"
-        + (f", {per_subscriber} a subscriber" if per_subscriber > 1 else ""),
+        + (f", {channels:,} channels" if channels else "")
+        + (f", {per_subscriber} a subscriber" if channels and per_subscriber > 1 else "")
+        + (", HTTP API" if publish == "http" else ""),
+        publish=publish,
     )
 
 
@@ -544,6 +698,16 @@ def versions() -> dict[str, str]:
     for lib in ("ws", "socket.io"):
         pkg = ROOT / "bench" / "node" / "node_modules" / lib / "package.json"
         out[f"node {lib}"] = json.loads(pkg.read_text())["version"] if pkg.exists() else "missing"
+    from tests.centrifuge_servers import CENTRIFUGO_VERSION
+
+    try:
+        # A `go install` build calls itself v0.0.0: the version built is ours.
+        built = subprocess.run(
+            [str(centrifugo_binary()), "version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        out["centrifugo"] = f"{CENTRIFUGO_VERSION} ({built})"
+    except OSError:
+        out["centrifugo"] = "missing"
     return out
 
 
@@ -572,6 +736,13 @@ def main() -> None:
         default=1,
         help="with --channels: subscriber i takes channels i .. i+K-1 (mod C), so one "
         "process holds C channels x K subscribers on C connections",
+    )
+    parser.add_argument(
+        "--publish",
+        choices=("ws", "http"),
+        default="ws",
+        help="publish over WebSocket (each peer's own protocol) or the server's HTTP API "
+        "(Squall and Centrifugo)",
     )
     parser.add_argument("--scenario", default="", help="name in the results (default: from rate)")
     parser.add_argument("--name", default="fanout", help="results file: bench/results/<name>.md")
@@ -603,6 +774,7 @@ def main() -> None:
                             scenario,
                             args.channels,
                             args.per_subscriber,
+                            args.publish,
                         )
                     )
                 except (RuntimeError, TimeoutError, OSError) as exc:

@@ -57,8 +57,11 @@ class Subscriber(asyncio.Protocol):
         latencies: list[float] | None,
         ready: Callable[[], None],
         stepwise: bool = False,
+        protocol: str = "",
     ) -> None:
         self.path, self.host, self.hello, self.seq = path, host, list(hello), seq
+        # A WebSocket subprotocol to ask for (Sec-WebSocket-Protocol), if any.
+        self.protocol = protocol
         # Stepwise (socket.io): the first hello message waits for the
         # server's first frame (the open packet), the others for its next
         # one (the namespace connect reply).
@@ -79,11 +82,12 @@ class Subscriber(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         key = base64.b64encode(os.urandom(16)).decode()
+        protocol = f"Sec-WebSocket-Protocol: {self.protocol}\r\n" if self.protocol else ""
         transport.write(
             (
                 f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{protocol}\r\n"
             ).encode()
         )
 
@@ -98,7 +102,7 @@ class Subscriber(asyncio.Protocol):
             assert self.transport is not None
             if not self.stepwise:
                 for message in self.hello:
-                    self.transport.write(frame(message))
+                    self.transport.write(frame(message, self.hello_opcode))
                 self.hello = []
                 self.ready()
         buf = self.buf
@@ -138,12 +142,17 @@ class Subscriber(asyncio.Protocol):
                     if not self.hello:
                         self.ready()
                 self.on_text(buf[pos + head : pos + head + b1])
+            elif opcode == 0x2:
+                self.on_binary(buf[pos + head : pos + head + b1])
             elif opcode == 0x9 and self.transport is not None:
                 # Answer pings, as a browser does: a run longer than the
                 # server's ping interval must not be dropped for silence.
                 self.transport.write(frame(buf[pos + head : pos + head + b1], 0xA))
             pos += head + b1
         self.buf = buf[pos:]
+
+    # The opcode of the hello messages (binary for a binary protocol).
+    hello_opcode = 0x1
 
     def on_text(self, payload: bytes) -> None:
         counted = self.count
@@ -153,17 +162,158 @@ class Subscriber(asyncio.Protocol):
                 if b'"w":1' in line:
                     self.warm += 1
                 continue  # a reply, not a publication
-            n = int(m.group(1))
-            self.count += 1
-            if n <= self.last:
-                self.dup += 1
-                continue
-            if n > self.last + 1:
-                self.lost += n - self.last - 1
-            self.last = n
-            if self.latencies is not None:
-                t = SENT.search(line)
-                if t is not None:
-                    self.latencies.append(time.time() - float(t.group(1)))
+            self.seen(int(m.group(1)), line)
         if self.count > counted:
             self.frames += 1
+
+    def on_binary(self, payload: bytes) -> None:
+        """A binary frame: none of the text protocols send one."""
+
+    def seen(self, n: int, line: bytes) -> None:
+        """Publication number ``n`` arrived (``line`` holds its send time)."""
+        self.count += 1
+        if n <= self.last:
+            self.dup += 1
+            return
+        if n > self.last + 1:
+            self.lost += n - self.last - 1
+        self.last = n
+        if self.latencies is not None:
+            t = SENT.search(line)
+            if t is not None:
+                self.latencies.append(time.time() - float(t.group(1)))
+
+
+# ---- The Centrifugo client protocol (v2), JSON and Protobuf ----------------
+#
+# A publication arrives as a push, ``{"push":{"channel":..,"pub":{"data":..,
+# "offset":n}}}`` (several a frame, one per line), or in Protobuf as a
+# length-prefixed Reply{push: Push{channel, pub: Publication{data, offset}}}.
+# Both servers (Squall's Centrifugo endpoint and Centrifugo itself) number a
+# channel's publications with offsets when history is on: those are checked.
+# The server's ping is an empty reply (``{}``, or a zero length in
+# Protobuf), answered with an empty command.
+
+CF_OFFSET = re.compile(rb'"offset":(\d+)')
+
+
+def uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A Protobuf varint at ``pos``: its value and the position after it."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    n = b & 0x7F
+    shift = 7
+    while True:
+        pos += 1
+        b = buf[pos]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos + 1
+        shift += 7
+
+
+def delimited(message: bytes) -> bytes:
+    """``message`` prefixed with its length (a varint), as Protobuf frames hold it."""
+    n = len(message)
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + message
+
+
+class CentrifugeJSON(Subscriber):
+    """A subscriber speaking Centrifugo's JSON protocol: counts publication
+    pushes by offset and answers the server's pings."""
+
+    def on_text(self, payload: bytes) -> None:
+        counted = self.count
+        for line in payload.split(b"\n"):
+            if line.startswith(b'{"push":'):
+                if b'"pub":{' not in line:
+                    continue  # join, leave, unsubscribe: not a publication
+                # The offset follows the data (the generator's data has none).
+                m = CF_OFFSET.search(line, max(0, line.rfind(b'"offset":')))
+                self.seen(int(m.group(1)) if m else 0, line)
+            elif line == b"{}" and self.transport is not None:
+                self.transport.write(frame(b"{}"))  # pong
+        if self.count > counted:
+            self.frames += 1
+
+
+class CentrifugeProtobuf(Subscriber):
+    """The same in Protobuf (binary frames; the generated module, C-backed,
+    parses a push)."""
+
+    hello_opcode = 0x2
+
+    def on_binary(self, payload: bytes) -> None:
+        from server.codecs.centrifuge_pb2 import Reply  # type: ignore[attr-defined]
+
+        counted = self.count
+        pos, end = 0, len(payload)
+        while pos < end:
+            size, pos = uvarint(payload, pos)
+            if size == 0:
+                if self.transport is not None:
+                    self.transport.write(frame(b"\x00", 0x2))  # pong
+                continue
+            start, pos = pos, pos + size
+            if payload[start] != 0x22:
+                continue  # a reply (field 1, its id, comes first), not a push
+            reply = Reply.FromString(payload[start:pos])
+            if reply.push.HasField("pub"):
+                pub = reply.push.pub
+                self.seen(pub.offset, pub.data)
+        if self.count > counted:
+            self.frames += 1
+
+
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+class HttpPublisher(asyncio.Protocol):
+    """Publishes through a server's HTTP API on one keep-alive connection:
+    requests go out back to back (pipelined; both servers answer them in
+    order), answers are counted and errors kept."""
+
+    def __init__(self, host: str, path: str, header: str, ready: Callable[[], None]) -> None:
+        self.head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"{header}\r\n"
+        ).encode()
+        self.ready = ready
+        self.sent = 0
+        self.answered = 0
+        self.errors: list[bytes] = []
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ready()
+
+    def publish(self, body: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"%sContent-Length: %d\r\n\r\n%s" % (self.head, len(body), body))
+        self.sent += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            m = CONTENT_LENGTH.search(self.buf, 0, end + 2)
+            # (Both servers give the length of their small JSON answers.)
+            stop = end + 4 + (int(m.group(1)) if m else 0)
+            if len(self.buf) < stop:
+                return
+            status, body = self.buf[: self.buf.find(b"\r\n")], self.buf[end + 4 : stop]
+            self.buf = self.buf[stop:]
+            self.answered += 1
+            if not status.startswith(b"HTTP/1.1 200") or body.startswith(b'{"error"'):
+                if len(self.errors) < 10:
+                    self.errors.append(status + b" " + body[:300])
