@@ -95,6 +95,13 @@ class WebSocketConnections:
         self._conns: dict[WebSocketConnection, None] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._empty = asyncio.Event()
+        # Each connection is pinged ``ping_interval`` after it came and after
+        # each ping since (as a client library expects), by one timer that
+        # ticks a few times per interval: (when, connection), oldest first.
+        self._tick = min(1.0, self.ping_interval / 4)
+        self._due: collections.deque[tuple[float, WebSocketConnection]] = collections.deque()
+        self._checks: collections.deque[tuple[float, WebSocketConnection]] = collections.deque()
+        self._ping = wsframe.build(wsframe.OP_PING, b"")
         node.add_closer(self.close_all)
 
     def frames(self, codec: Codec) -> _FrameCache:
@@ -106,9 +113,11 @@ class WebSocketConnections:
 
     def add(self, conn: WebSocketConnection) -> None:
         self._conns[conn] = None
-        if self._timer is None and self.ping_interval:
+        if self.ping_interval:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.ping_interval, self._ping_round)
+            self._due.append((loop.time() + self.ping_interval, conn))
+            if self._timer is None:
+                self._timer = loop.call_later(self._tick, self._ping_round)
 
     def discard(self, conn: WebSocketConnection) -> None:
         self._conns.pop(conn, None)
@@ -136,20 +145,30 @@ class WebSocketConnections:
         return not self._conns
 
     def _ping_round(self) -> None:
+        """Ping the connections that are due, and drop those that have not
+        answered theirs within ``ping_timeout``."""
         self._timer = None
-        if not self._conns:
-            return  # the next connection starts the timer again
-        ping = wsframe.build(wsframe.OP_PING, b"")
-        for conn in self._conns:
-            conn.ping(ping)
         loop = asyncio.get_running_loop()
-        if self.ping_timeout:
-            loop.call_later(self.ping_timeout, self._check_round)
-        self._timer = loop.call_later(self.ping_interval, self._ping_round)
-
-    def _check_round(self) -> None:
-        for conn in list(self._conns):
-            conn.check_alive()
+        now = loop.time()
+        conns = self._conns
+        checks = self._checks
+        while checks and checks[0][0] <= now:
+            conn = checks.popleft()[1]
+            if conn in conns:
+                conn.check_alive()
+        due = self._due
+        next_ping = now + self.ping_interval
+        while due and due[0][0] <= now:
+            conn = due.popleft()[1]
+            if conn not in conns:
+                continue  # gone since
+            conn.ping(self._ping)
+            due.append((next_ping, conn))
+            if self.ping_timeout:
+                checks.append((now + self.ping_timeout, conn))
+        if due or checks:
+            self._timer = loop.call_later(self._tick, self._ping_round)
+        # else: the next connection starts the timer again
 
     async def adopt(self, stream: tornado.iostream.IOStream, codec: Codec = SQUALL) -> None:
         """Take the socket of an upgraded request from Tornado; the
