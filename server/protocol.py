@@ -87,14 +87,6 @@ def parse_frame(frame: bytes | str, *, max_commands: int = 100) -> list[Command 
     return out
 
 
-def encode(obj: Any) -> bytes:
-    return orjson.dumps(obj)
-
-
-def reply(cmd_id: int, result: Any) -> bytes:
-    return orjson.dumps({"id": cmd_id, "result": result})
-
-
 def error_reply(cmd_id: int, error: SquallError) -> bytes:
     return orjson.dumps({"id": cmd_id, "error": error.to_json()})
 
