@@ -72,21 +72,9 @@ REQUESTS = (
     "refresh",
     "sub_refresh",
 )
-METHODS = frozenset(
-    {
-        "connect",
-        "subscribe",
-        "unsubscribe",
-        "publish",
-        "presence",
-        "presence_stats",
-        "history",
-        "ping",
-        "rpc",
-        "refresh",
-        "sub_refresh",
-    }
-)
+# Each request field is the core method of the same name; ``send`` has no
+# reply and no handler here (the decoder drops it).
+METHODS = frozenset(REQUESTS) - {"send"}
 
 # Centrifugo's error messages, by code: the SDKs show them as they are.
 MESSAGES = {
