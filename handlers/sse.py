@@ -6,24 +6,54 @@ headers), the ``token`` query argument; the access log never shows query
 strings. Every ``pub`` and ``subscribe`` event carries an ``id`` that encodes
 the position of every channel of the stream, so the browser's automatic
 reconnect (``Last-Event-ID``) resumes each channel exactly where it stopped.
+
+Tornado checks the request and connects the session; then, as for
+WebSocket, the socket moves to a plain asyncio protocol (``SSEConnection``)
+that writes the response itself: the headers, then one chunk per flush.
+Fan-out stays encode-once: the SSE codec (``server.protocol.SSE``) hands
+every SSE subscriber of a channel the same messages, with each message's
+channel, offset and epoch beside its bytes; the transport turns them into
+events without parsing anything. A stream's positions are an interned,
+immutable value (``_Positions``), so streams on the same channels at the same
+offsets share it, and with it the chunk built for a publication: a delivery
+to such a stream is a dictionary lookup and one ``transport.write``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import time
+import weakref
 from collections.abc import Awaitable
+from typing import cast
 from urllib.parse import parse_qsl, urlencode
 
-import orjson
 import tornado.iostream
-import tornado.web
+from tornado.httputil import format_timestamp
 
 from handlers.base import JSONHandler
 from handlers.websocket import origin_allowed
 from server import errors, protocol
-from server.errors import Disconnect, SquallError
+from server.errors import SHUTDOWN, Disconnect, SquallError
 from server.models import StreamPosition
+from server.node import Node
+from server.protocol import SSE, StreamEvent
 from server.session import Session
+
+log = logging.getLogger("squall.sse")
+access_log = logging.getLogger("squall.access")
+
+# How long a closed stream's last bytes may take to drain before the TCP
+# connection is cut.
+CLOSE_TIMEOUT = 5.0
+# The first event tells the browser how long to wait before it reconnects on
+# its own.
+RETRY = b"retry: 1000\n\n"
+PING = b": ping\n\n"
 
 
 def encode_positions(positions: dict[str, StreamPosition]) -> str:
@@ -45,46 +75,333 @@ def decode_positions(text: str) -> dict[str, StreamPosition]:
     return out
 
 
-class _Transport:
-    __slots__ = ("_handler", "positions")
+def _chunk(body: bytes) -> bytes:
+    """One HTTP/1.1 chunk."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+_Entries = tuple[tuple[str, int, str], ...]
+
+
+class _Positions:
+    """Where each channel of a stream stands, and the ``id:`` line that says
+    so. Immutable and interned (``SSEConnections.positions``): streams at the
+    same place share one, and each publication moves all of them to the same
+    next one, found in ``_next``."""
+
+    __slots__ = ("__weakref__", "_next", "entries", "id_line")
+
+    def __init__(self, entries: _Entries) -> None:
+        self.entries = entries  # sorted by channel
+        self.id_line = (
+            b"id: "
+            + urlencode([(ch, f"{offset}.{epoch}") for ch, offset, epoch in entries]).encode()
+            + b"\n"
+        )
+        self._next: dict[tuple[str, int, str], _Positions] = {}
+
+    def after(
+        self, event: StreamEvent, table: weakref.WeakValueDictionary[_Entries, _Positions]
+    ) -> _Positions:
+        key = (event.channel, event.offset, event.epoch)
+        found = self._next.get(key)
+        if found is not None:
+            return found
+        kept = [e for e in self.entries if e[0] != event.channel]
+        if event.offset >= 0:
+            kept.append(key)
+            kept.sort()
+        entries = tuple(kept)
+        found = table.get(entries)
+        if found is None:
+            found = _Positions(entries)
+            table[entries] = found
+        if len(self._next) >= 16:
+            self._next.clear()  # a stream at this place sees few distinct next events
+        self._next[key] = found
+        return found
+
+
+class SSEConnections:
+    """This process's SSE streams: one timer writes their keepalive comments
+    (``ping_interval`` after each one came and after each ping), the interned
+    positions, and the chunks built for the list of messages being written."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.positions: weakref.WeakValueDictionary[_Entries, _Positions] = (
+            weakref.WeakValueDictionary()
+        )
+        self.empty = self.intern(())
+        # The flusher hands the subscribers of a channel the same list, one
+        # after another: the chunks built for it, by the positions they
+        # started from.
+        self._items: list[bytes] | None = None
+        self._chunks: dict[_Positions, tuple[bytes, bytes, _Positions]] = {}
+        self._conns: dict[SSEConnection, None] = {}
+        self._empty = asyncio.Event()
+        self.ping_interval = node.settings.limits.ping_interval
+        self._tick = min(1.0, self.ping_interval / 4)
+        self._due: collections.deque[tuple[float, SSEConnection]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        node.add_closer(self.close_all)
+
+    def intern(self, entries: _Entries) -> _Positions:
+        found = self.positions.get(entries)
+        if found is None:
+            found = self.positions[entries] = _Positions(entries)
+        return found
+
+    def events(self, items: list[bytes], start: _Positions) -> tuple[bytes, bytes, _Positions]:
+        """The chunk (and the bare events, for HTTP/1.0) that write ``items``
+        to a stream at ``start``, and where the stream is after them."""
+        if items is self._items:
+            built = self._chunks.get(start)
+            if built is not None:
+                return built
+        else:
+            self._items = items
+            self._chunks = {}
+        positions = start
+        table = self.positions
+        parts: list[bytes] = []
+        for item in items:
+            if type(item) is StreamEvent:
+                positions = positions.after(item, table)
+                if item.offset >= 0:
+                    parts.append(positions.id_line)
+            parts.append(b"data: ")
+            parts.append(item)
+            parts.append(b"\n\n")
+        body = b"".join(parts)
+        built = self._chunks[start] = (_chunk(body), body, positions)
+        return built
+
+    def add(self, conn: SSEConnection) -> None:
+        self._conns[conn] = None
+        if self.ping_interval:
+            loop = asyncio.get_running_loop()
+            self._due.append((loop.time() + self.ping_interval, conn))
+            if self._timer is None:
+                self._timer = loop.call_later(self._tick, self._ping_round)
+
+    def discard(self, conn: SSEConnection) -> None:
+        self._conns.pop(conn, None)
+        if not self._conns:
+            self._empty.set()
+
+    def _ping_round(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._due
+        conns = self._conns
+        next_ping = now + self.ping_interval
+        while due and due[0][0] <= now:
+            conn = due.popleft()[1]
+            if conn in conns:
+                conn.ping()
+                due.append((next_ping, conn))
+        if due:
+            self._timer = loop.call_later(self._tick, self._ping_round)
+
+    async def close_all(self, grace: float = 1.0) -> None:
+        """End every stream (sessions already wrote their disconnect event),
+        give the peers ``grace`` seconds to take the last bytes, then cut."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for conn in list(self._conns):
+            conn.close(SHUTDOWN)
+        if not await self._all_closed(grace):
+            for conn in list(self._conns):
+                conn.abort()
+            await self._all_closed(grace)
+
+    async def _all_closed(self, timeout: float) -> bool:
+        if self._conns:
+            self._empty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), timeout)
+        return not self._conns
+
+
+class SSEConnection(asyncio.Protocol):
+    """One event stream: the session's ``Transport``. Until the socket is
+    handed over (``connection_made``) what the session sends waits in
+    ``_early``, and the session waits for it like for a slow socket."""
+
+    __slots__ = (
+        "_chunked",
+        "_closing",
+        "_drain",
+        "_early",
+        "_head",
+        "_registry",
+        "_session_gone",
+        "_started",
+        "_timer",
+        "_transport",
+        "_write_paused",
+        "path",
+        "positions",
+        "session",
+    )
     kind = "sse"
 
-    def __init__(self, handler: SSEHandler, positions: dict[str, StreamPosition]) -> None:
-        self._handler = handler
+    def __init__(self, registry: SSEConnections, positions: _Positions, chunked: bool) -> None:
+        self._registry = registry
         self.positions = positions
+        self._chunked = chunked
+        self.session: Session | None = None
+        self._transport: asyncio.Transport | None = None
+        self._early: list[bytes] | None = []
+        self._head = b""
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._closing: Disconnect | None = None
+        self._session_gone = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = time.monotonic()
+        self.path = ""
+
+    # ---- asyncio protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=0)
+        self._registry.add(self)
+        early, self._early = self._early or [], None
+        first = self._frame(RETRY)
+        transport.write(b"".join([self._head, first, *early]))
+        self._head = b""
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            if self._write_paused:
+                self._drain = drain  # resolved when the kernel takes the rest
+            else:
+                drain.set_result(None)
+        if self._closing is not None:
+            self._end(self._closing)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # an event stream is one-way: anything the client sends is ignored
+
+    def eof_received(self) -> bool | None:
+        return None  # the client went away: close
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._registry.discard(self)
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("stream closed"))
+            drain.exception()  # retrieved: the session learns of it in its callback
+        self._transport = None
+        self._session_closed()
+        access_log.info("200 GET %s %.1fms", self.path, 1000.0 * (time.monotonic() - self._started))
+
+    # ---- the session's Transport ------------------------------------------
 
     def send(self, items: list[bytes]) -> Awaitable[None] | None:
-        # The first message means the connection was accepted: the stream's
-        # headers must go out before it.
-        self._handler.start_stream()
-        chunks = []
-        for item in items:
-            msg = orjson.loads(item)
-            kind = msg.get("push")
-            event_id = None
-            if kind == "pub":
-                pub = msg["pub"]
-                self.positions[msg["channel"]] = StreamPosition(pub["offset"], pub["epoch"])
-                event_id = encode_positions(self.positions)
-            elif kind == "subscribe":
-                self.positions[msg["channel"]] = StreamPosition(msg["offset"], msg["epoch"])
-                event_id = encode_positions(self.positions)
-            elif kind == "unsubscribe":
-                self.positions.pop(msg["channel"], None)
-            if event_id is not None:
-                chunks.append(b"id: " + event_id.encode() + b"\n")
-            chunks.append(b"data: " + item + b"\n\n")
-        self._handler.write(b"".join(chunks))
-        return self._handler.flush()
+        if self._closing is not None:
+            raise ConnectionResetError("stream is closing")
+        chunk, body, self.positions = self._registry.events(items, self.positions)
+        data = chunk if self._chunked else body
+        transport = self._transport
+        if transport is None:
+            if self._early is None:
+                raise ConnectionResetError("stream closed")
+            self._early.append(data)
+        else:
+            transport.write(data)
+            if not self._write_paused:
+                return None
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+        return self._drain
 
     def close(self, disconnect: Disconnect) -> None:
-        self._handler.end_stream(disconnect)
+        """End the stream with a last ``disconnect`` event."""
+        if self._closing is not None:
+            return
+        self._closing = disconnect
+        if self._transport is not None:
+            self._end(disconnect)
+
+    def _end(self, disconnect: Disconnect) -> None:
+        transport = self._transport
+        assert transport is not None
+        message = protocol.disconnect_push(disconnect.code, disconnect.reason, disconnect.reconnect)
+        last = self._frame(b"data: " + message + b"\n\n")
+        transport.write(last + b"0\r\n\r\n" if self._chunked else last)
+        transport.close()  # once the buffer is out
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def _frame(self, body: bytes) -> bytes:
+        return _chunk(body) if self._chunked else body
+
+    def ping(self) -> None:
+        if self._closing is None and self._transport is not None and not self._write_paused:
+            self._transport.write(self._frame(PING))
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self._early = None
+            self._session_closed()
+
+    def _session_closed(self) -> None:
+        if self._session_gone:
+            return
+        self._session_gone = True
+        if self.session is not None:
+            self.session.transport_closed()
+
+    async def adopt(self, stream: tornado.iostream.IOStream, head: bytes) -> None:
+        """Take the request's socket from Tornado and write the response
+        ``head`` first."""
+        self._head = head
+        sock = stream.socket
+        if self._session_gone:
+            stream.close()  # the session ended before the stream could start
+            return
+        if stream.closed() or sock is None:
+            self._early = None
+            self._session_closed()
+            return
+        stream.io_loop.remove_handler(sock)
+        fd = sock.detach()
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: self, raw)
+        except OSError:
+            raw.close()
+            self._early = None
+            self._session_closed()
 
 
 class SSEHandler(JSONHandler):
-    session: Session | None = None
-    _closed: asyncio.Event
-    _streaming = False
+    connections: SSEConnections
+    _stream: SSEConnection | None = None
+
+    def initialize(self, node: Node, connections: SSEConnections) -> None:  # type: ignore[override]
+        self.node = node
+        self.connections = connections
 
     async def get(self) -> None:
         origin = self.request.headers.get("Origin")
@@ -96,21 +413,39 @@ class SSEHandler(JSONHandler):
         try:
             requests, positions = self._requests()
             token = self._token()
-            session = self.node.new_session(_Transport(self, positions))
+            entries = tuple(sorted((ch, p.offset, p.epoch) for ch, p in positions.items()))
+            stream = SSEConnection(
+                self.connections,
+                self.connections.intern(entries),
+                chunked=self.request.version == "HTTP/1.1",
+            )
+            session = self.node.new_session(stream, SSE)
         except SquallError as exc:
             self.write_squall_error(exc)
             return
-        self._closed = asyncio.Event()
-        self.session = session
+        stream.session = session
+        stream.path = self.request.path
+        self._stream = stream
         try:
             await session.open_stream(token, requests)
         except SquallError as exc:
-            session.transport_closed()
-            self.session = None
+            stream.abort()
             self.write_squall_error(exc)
             return
-        self.start_stream()
-        await self._keepalive()
+        await stream.adopt(self.detach(), self._head())
+
+    def _head(self) -> bytes:
+        lines = [
+            "HTTP/1.1 200 OK",
+            "Content-Type: text/event-stream",
+            "Cache-Control: no-cache",
+            "X-Accel-Buffering: no",
+            f"Date: {format_timestamp(time.time())}",
+            "Transfer-Encoding: chunked"
+            if self.request.version == "HTTP/1.1"
+            else "Connection: close",
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -136,56 +471,7 @@ class SSEHandler(JSONHandler):
         kept = {ch: p for ch, p in positions.items() if ch in channels}
         return requests, kept
 
-    def start_stream(self) -> None:
-        if self._streaming:
-            return
-        self._streaming = True
-        self.set_status(200)
-        self.set_header("Content-Type", "text/event-stream")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
-        # The first chunk tells the browser how long to wait before it
-        # reconnects on its own.
-        self.write(b"retry: 1000\n\n")
-        self.flush()
-
-    async def _keepalive(self) -> None:
-        interval = self.node.settings.limits.ping_interval
-        while not self._closed.is_set():
-            try:
-                await asyncio.wait_for(self._closed.wait(), timeout=interval)
-            except TimeoutError:
-                if self.session is None or self._closed.is_set():
-                    break
-                try:
-                    self.write(b": ping\n\n")
-                    await self.flush()
-                except tornado.iostream.StreamClosedError:
-                    break
-        self._finish_quietly()
-
-    def end_stream(self, disconnect: Disconnect) -> None:
-        """Close the stream with a final ``disconnect`` event."""
-        if self._closed.is_set():
-            return
-        message = protocol.disconnect_push(disconnect.code, disconnect.reason, disconnect.reconnect)
-        try:
-            self.write(b"data: " + message + b"\n\n")
-        except RuntimeError:
-            pass
-        self._closed.set()
-
-    def _finish_quietly(self) -> None:
-        if not self._finished:
-            try:
-                self.finish()
-            except tornado.iostream.StreamClosedError:
-                pass
-        if self.session is not None:
-            self.session.transport_closed()
-
     def on_connection_close(self) -> None:
-        if self.session is not None:
-            self.session.transport_closed()
-        if hasattr(self, "_closed"):
-            self._closed.set()
+        # The client left while the stream was being set up.
+        if self._stream is not None:
+            self._stream.abort()

@@ -18,7 +18,7 @@ from handlers.pages import (
     LoginHandler,
     LogoutHandler,
 )
-from handlers.sse import SSEHandler
+from handlers.sse import SSEConnections, SSEHandler
 from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
 from handlers.websocket import WebSocketConnections, WebSocketHandler
 from server.codecs.centrifuge import CENTRIFUGE_JSON, SUBPROTOCOLS
@@ -51,6 +51,7 @@ def make_app(node: Node) -> tornado.web.Application:
     args = {"node": node}
     connections = WebSocketConnections(node)
     ws_args = {"node": node, "connections": connections}
+    sse_args = {"node": node, "connections": SSEConnections(node)}
     # The Centrifugo client protocol: JSON, or Protobuf when the client asks
     # for the "centrifuge-protobuf" subprotocol (as its SDKs do).
     centrifuge_args = {
@@ -63,7 +64,7 @@ def make_app(node: Node) -> tornado.web.Application:
         [
             (r"/connection/websocket", WebSocketHandler, ws_args),
             (r"/connection/centrifuge/websocket", WebSocketHandler, centrifuge_args),
-            (r"/connection/sse", SSEHandler, args),
+            (r"/connection/sse", SSEHandler, sse_args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),
             (r"/ready", ReadyHandler, args),

@@ -230,3 +230,49 @@ class SquallCodec:
 
 
 SQUALL = SquallCodec()
+
+
+class StreamEvent(bytes):
+    """A message of the SSE codec that moves a channel's position on the
+    stream (``pub``, ``subscribe``, ``unsubscribe``). The event id the SSE
+    transport writes before it needs the channel, offset and epoch: they
+    travel beside the bytes, set once per publication, so the transport
+    never parses a message. ``offset`` is -1 when the channel leaves the
+    stream."""
+
+    channel: str
+    offset: int
+    epoch: str
+
+
+def stream_event(message: bytes, channel: str, offset: int, epoch: str) -> StreamEvent:
+    event = StreamEvent(message)
+    event.channel = channel
+    event.offset = offset
+    event.epoch = epoch
+    return event
+
+
+class SSECodec(SquallCodec):
+    """Squall's protocol over Server-Sent Events: the same JSON messages, but
+    those that move a channel's position are ``StreamEvent``s, so the SSE
+    transport can write each event's id without decoding anything. Its own
+    instance, so the hub groups SSE subscribers apart and encodes a
+    publication for them once."""
+
+    def pub(self, pub: Publication) -> bytes:
+        return stream_event(pub_push(pub), pub.channel, pub.offset, pub.epoch)
+
+    def unsubscribe(self, channel: str, code: int, reason: str) -> bytes:
+        return stream_event(unsubscribe_push(channel, code, reason), channel, -1, "")
+
+    def subscribed(self, channel: str, result: SubscribeResult) -> bytes:
+        # Recovered publications follow as ``pub`` events of their own, each
+        # with its id: the subscribe event carries none.
+        pushed = subscribe_json(result)
+        pushed.pop("publications", None)
+        message = orjson.dumps({"push": "subscribe", "channel": channel, **pushed})
+        return stream_event(message, channel, result.offset, result.epoch)
+
+
+SSE = SSECodec()

@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,7 +51,7 @@ from server.codec import (
 )
 from server.errors import Disconnect, SquallError
 from server.models import ClientInfo, StreamPosition
-from server.protocol import SQUALL, connect_json, pub_json, subscribe_json
+from server.protocol import SQUALL, connect_json
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -721,11 +722,13 @@ class Session:
             except SquallError as exc:
                 self.send(self.codec.unsubscribe(name, exc.code, exc.message))
                 continue
-            pushed = subscribe_json(result)
-            pushed.pop("publications", None)
-            self.send(orjson.dumps({"push": "subscribe", "channel": name, **pushed}))
+            # The subscribe push (without publications), then each recovered
+            # publication as a push of its own.
+            self.send(
+                self.codec.subscribed(name, replace(result, publications=[], recovering=False))
+            )
             for pub in result.publications:
-                self.send(orjson.dumps({"push": "pub", "channel": name, "pub": pub_json(pub)}))
+                self.send(self.codec.pub(pub))
 
     async def _cmd_subscribe(self, params: dict[str, Any]) -> SubscribeResult:
         name = params.get("channel")

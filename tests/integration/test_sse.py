@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import pytest
@@ -204,3 +206,124 @@ async def test_sse_stream_is_an_event_stream_from_the_first_byte(
     assert stream.headers is not None
     assert b"content-type: text/event-stream" in stream.headers.lower()
     await stop(stream)
+
+
+def positions_of(event_id: str) -> dict[str, int]:
+    return {ch: int(v.split(".")[0]) for ch, v in parse_qsl(event_id)}
+
+
+async def test_sse_event_ids_carry_each_streams_own_channels(server: Running) -> None:
+    """Streams on different channel sets, and one resumed from an older
+    position, get the same publication with ids of their own."""
+    api = server.api()
+    token = server.token("alice")
+    both = open_sse(server, f"channel=a&channel=b&token={token}")
+    only_a = open_sse(server, f"channel=a&token={token}")
+    twin = open_sse(server, f"channel=b&channel=a&token={token}")
+    for stream in (both, twin):
+        await stream.next("subscribe")
+        await stream.next("subscribe")
+    await only_a.next("subscribe")
+    await api.publish("b", "b1")
+    await api.publish("a", "a1")
+    await api.publish("a", "a2")
+    for stream in (both, twin):
+        ids = [(await stream.next("pub"))["id"] for _ in range(3)]
+        assert [positions_of(i) for i in ids] == [
+            {"a": 0, "b": 1},
+            {"a": 1, "b": 1},
+            {"a": 2, "b": 1},
+        ]
+    ids = [(await only_a.next("pub"))["id"] for _ in range(2)]
+    assert [positions_of(i) for i in ids] == [{"a": 1}, {"a": 2}]
+    # Resumed from a=1 while the others are at a=2: its recovered a2 and the
+    # next publication carry its own position.
+    late = open_sse(server, f"channel=a&token={token}", {"Last-Event-ID": ids[0]})
+    recovered = await late.next("pub")
+    assert recovered["pub"]["data"] == "a2" and positions_of(recovered["id"]) == {"a": 2}
+    await api.publish("a", "a3")
+    for stream, expected in ((late, {"a": 3}), (only_a, {"a": 3}), (both, {"a": 3, "b": 1})):
+        pub = await stream.next("pub")
+        assert pub["pub"]["data"] == "a3"
+        assert positions_of(pub["id"]) == expected
+    for stream in (both, only_a, twin, late):
+        await stop(stream)
+
+
+def open_stalled_sse(server: Running, channel: str) -> socket.socket:
+    """An SSE client that reads the first event and then never again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", server.port))
+    token = server.token("stalled")
+    sock.sendall(
+        (
+            f"GET /connection/sse?channel={channel}&token={token} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{server.port}\r\n\r\n"
+        ).encode()
+    )
+    got = b""
+    while b'"push":"subscribe"' not in got:
+        got += sock.recv(4096)
+    return sock
+
+
+async def test_sse_slow_reader_is_disconnected_others_keep_receiving(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server({"limits": {"send_queue_bytes": 65536}})
+    api = server.api()
+    fast = open_sse(server, f"channel=firehose&token={server.token('fast')}")
+    await fast.next("subscribe")
+    stalled = await asyncio.to_thread(open_stalled_sse, server, "firehose")
+    try:
+        await wait_for(lambda: server.node.hub.subscribers("firehose") == 2)
+        session = next(s for s in server.node.sessions.values() if s.user == "stalled")
+        payload = "x" * 4000
+        sent = 0
+        # Bounded: 20 MB of publications is far past any socket buffer.
+        while not session.closed and sent < 5000:
+            await api.publish("firehose", {"n": sent, "pad": payload})
+            sent += 1
+            pub = await fast.next("pub")
+            assert pub["pub"]["offset"] == sent
+        assert session.closed, "the stalled client was never disconnected"
+        assert server.node.metrics.disconnects.get(3008) == 1
+        await wait_for(lambda: session.client_id not in server.node.sessions)
+        await api.publish("firehose", {"after": True})
+        assert (await fast.next("pub"))["pub"]["data"] == {"after": True}
+    finally:
+        stalled.close()
+        await stop(fast)
+
+
+async def test_sse_keepalive_comments(make_server: ServerFactory) -> None:
+    server = await make_server({"limits": {"ping_interval": 0.2, "ping_timeout": 0.2}})
+    stream = open_sse(server, f"channel=news&token={server.token('alice')}")
+    await stream.next("subscribe")
+    await wait_for(lambda: stream.body.count(b": ping\n\n") >= 2, timeout=5)
+    await stop(stream)
+
+
+async def test_sse_over_http_1_0_is_not_chunked(server: Running) -> None:
+    token = server.token("alice")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(f"GET /connection/sse?channel=news&token={token} HTTP/1.0\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b" 200 " in head.split(b"\r\n", 1)[0]
+        assert b"chunked" not in head.lower()
+        body = b""
+        while b'"push":"subscribe"' not in body:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+        await server.api().publish("news", {"n": 1})
+        while b'"push":"pub"' not in body:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+        assert body.startswith(b"retry: 1000\n\n")
+        event = body[body.rindex(b"id: ") :]
+        assert event.split(b"\n", 1)[1].startswith(b'data: {"push":"pub"')
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await wait_for(lambda: not server.node.sessions)
