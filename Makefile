@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint proto system-deps services clean bench bench-hotpath bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
+.PHONY: run test lint proto system-deps services clean bench bench-sse bench-hotpath bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -64,7 +64,7 @@ bench-deps: $(STAMP) $(BENCH_STAMP)
 	@scripts/install-system-deps.sh bench
 	$(BIN)/pip install --quiet -e '.[bench]'
 
-bench: bench-hotpath bench-fanout bench-codecs bench-idle bench-workers bench-scale bench-http bench-storm
+bench: bench-hotpath bench-fanout bench-codecs bench-sse bench-idle bench-workers bench-scale bench-http bench-storm
 
 # The fan-out path in-process (ns of Python per delivery, no kernel).
 bench-hotpath: bench-deps
@@ -76,6 +76,11 @@ bench-fanout: bench-deps
 	$(BIN)/python -m bench.run --name fanout-rate --subscribers 1000 --publications 100 --rate 10 $(BENCH_ARGS)
 	$(BIN)/python -m bench.run --name fanout-bursts --subscribers 1000 --publications 500 --rate 100 --burst 10 $(BENCH_ARGS)
 	$(BIN)/python -m bench.run --name fanout-channels --subscribers 10000 --channels 10000 --per-subscriber 2 --publications 100000 --reps 1 $(BENCH_ARGS)
+
+# SSE against WebSocket on one Squall: CPU per delivery (1,000 and 10,000
+# subscribers) and memory per idle connection (about 12 minutes).
+bench-sse: bench-deps
+	$(BIN)/python -m bench.sse $(BENCH_ARGS)
 
 # Squall's codecs (its own, Centrifugo JSON, Centrifugo Protobuf) and
 # Centrifugo itself (GOMAXPROCS=1, same core), publishing through each

@@ -63,8 +63,15 @@ async def open_subscribed(peer: str, port: int, count: int, first: int) -> list[
 
     def make(i: int) -> Subscriber:
         path = PEERS[peer].path
-        return Subscriber(
-            path, host, hello(peer, f"u{i}"), seq, None, one_ready, bool(PEERS[peer].hello)
+        return PEERS[peer].client(
+            path,
+            host,
+            hello(peer, f"u{i}"),
+            seq,
+            None,
+            one_ready,
+            bool(PEERS[peer].hello),
+            PEERS[peer].protocol,
         )
 
     for i in range(first, first + count):

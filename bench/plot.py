@@ -38,11 +38,15 @@ def plot(kind: str, title: str, rows: list[dict[str, Any]]) -> list[Path]:
     written: list[Path] = []
     if not rows or "peer" not in rows[0]:
         return written
-    peers = list(dict.fromkeys(r["peer"] for r in rows))
-    settings = list(dict.fromkeys(_setting(r) for r in rows))
+    all_rows = rows
     for key, specs in METRICS.items():
-        if key not in rows[0]:
+        # A run may mix kinds of result (fan-out and idle memory): each
+        # metric is plotted from the rows that carry it.
+        rows = [r for r in all_rows if key in r]
+        if not rows:
             continue
+        peers = list(dict.fromkeys(r["peer"] for r in rows))
+        settings = list(dict.fromkeys(_setting(r) for r in rows))
         for field, label, log in specs:
             fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(settings) * len(peers) / 3), 4))
             width = 0.8 / len(peers)

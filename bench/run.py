@@ -41,6 +41,7 @@ from bench.wsproto import (
     CentrifugeJSON,
     CentrifugeProtobuf,
     HttpPublisher,
+    SSESubscriber,
     Subscriber,
     delimited,
     frame,
@@ -204,6 +205,13 @@ PEERS["squall_cf_protobuf"] = Peer(
 # Centrifugo itself (the binary tests/centrifuge_servers.py builds), one core
 # (GOMAXPROCS=1), its subscribers speaking its JSON protocol.
 PEERS["centrifugo"] = Peer(("{centrifugo}", "--config", "{config}"), client=CentrifugeJSON)
+# Squall's subscribers on Server-Sent Events (the same publisher).
+PEERS["squall_sse"] = Peer(
+    PEERS["squall"].cmd,
+    client=SSESubscriber,
+    path="/connection/sse",
+    publisher_path="/connection/websocket",
+)
 CODEC_PEERS = "squall,squall_cf_json,squall_cf_protobuf,centrifugo"
 DEFAULT_PEERS = "raw_asyncio,plain_tornado,python_socketio,node_ws,node_socketio,squall"
 
@@ -302,6 +310,9 @@ def hello(peer: str, user: str, channels: Sequence[str] = ()) -> list[bytes]:
     """What a subscriber sends once the handshake is done: to subscribe to
     ``channels`` (c17, ...) or, when none, to the one fan-out channel."""
     names = [f"bench:{channel}" for channel in channels] or ["bench:fanout"]
+    if PEERS[peer].client is SSESubscriber:
+        query = "&".join(f"channel={name}" for name in names)
+        return [f"{query}&token={squall_token(user)}".encode()]
     if PEERS[peer].client is not Subscriber:
         return centrifuge_hello(peer, user, names)
     if not peer.startswith("squall"):

@@ -184,6 +184,59 @@ class Subscriber(asyncio.Protocol):
                 self.latencies.append(time.time() - float(t.group(1)))
 
 
+class SSESubscriber(Subscriber):
+    """An EventSource on a raw socket (Squall's ``/connection/sse``): one GET
+    whose query is the first hello message, then HTTP/1.1 chunks of events
+    whose ``data:`` lines are Squall protocol messages. A chunk counts as a
+    frame; the stream is ready once its ``subscribe`` event arrived."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.body = b""  # event-stream bytes not yet split into events
+        self.subscribed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        query = self.hello[0].decode() if self.hello else ""
+        transport.write(
+            (
+                f"GET {self.path}?{query} HTTP/1.1\r\nHost: {self.host}\r\n"
+                "Accept: text/event-stream\r\n\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        pos = 0
+        if not self.handshaken:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            pos = end + 4
+            self.handshaken = True
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(buf[pos:eol], 16)
+            if len(buf) < eol + 2 + size + 2:
+                break
+            self.body += buf[eol + 2 : eol + 2 + size]
+            pos = eol + 2 + size + 2
+        self.buf = buf[pos:]
+        end = self.body.rfind(b"\n\n")
+        if end < 0:
+            return
+        events, self.body = self.body[: end + 2], self.body[end + 2 :]
+        payload = b"\n".join(line[6:] for line in events.split(b"\n") if line.startswith(b"data: "))
+        if not self.subscribed and b'"push":"subscribe"' in payload:
+            self.subscribed = True
+            self.ready()
+        self.texts += 1
+        self.on_text(payload)
+
+
 # ---- The Centrifugo client protocol (v2), JSON and Protobuf ----------------
 #
 # A publication arrives as a push, ``{"push":{"channel":..,"pub":{"data":..,

@@ -427,12 +427,17 @@ class SSEHandler(JSONHandler):
         stream.path = self.request.path
         self._stream = stream
         try:
-            await session.open_stream(token, requests)
+            await session.open_stream(token)
         except SquallError as exc:
             stream.abort()
             self.write_squall_error(exc)
             return
+        # Connected: the response starts now and the request is done with;
+        # the subscriptions (which may wait on the broker or the log) go on
+        # without it, their results as events.
         await stream.adopt(self.detach(), self._head())
+        if not session.closed:
+            self.node.spawn(session.subscribe_stream(requests))
 
     def _head(self) -> bytes:
         lines = [

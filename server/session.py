@@ -698,16 +698,19 @@ class Session:
                 self.send(self.codec.subscribed(name, result))
         return results
 
-    async def open_stream(
-        self, token: str | None, requests: list[tuple[str, StreamPosition | None]]
-    ) -> None:
-        """Connect and subscribe in one step, for one-way transports (SSE).
-        Raises ``SquallError`` if the connection is refused. Results arrive as
-        pushes: ``connect``, then per channel ``subscribe`` (or ``unsubscribe``
-        with the error) followed by each recovered publication as a ``pub``."""
+    async def open_stream(self, token: str | None) -> None:
+        """Connect a one-way transport (SSE); raises ``SquallError`` if the
+        connection is refused. The result goes out as a ``connect`` push;
+        ``subscribe_stream`` comes next."""
         self.node.metrics.count_command("connect")
         await self._connect({"token": token} if token else {})
         self.send(orjson.dumps({"push": "connect", **connect_json(self._connect_result())}))
+
+    async def subscribe_stream(self, requests: list[tuple[str, StreamPosition | None]]) -> None:
+        """Subscribe a connected one-way transport to the token's channels
+        and ``requests``. Results arrive as pushes: per channel ``subscribe``
+        (or ``unsubscribe`` with the error) followed by each recovered
+        publication as a ``pub``."""
         await self._subscribe_token_channels()
         for name, position in requests:
             if self.state is not State.CONNECTED:
