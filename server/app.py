@@ -8,7 +8,8 @@ from pathlib import Path
 
 import tornado.web
 
-from handlers.api import ApiHandler
+from handlers.api import ApiBatchHandler, ApiHandler
+from handlers.api import max_body_size as api_body_size
 from handlers.pages import (
     DashboardDataHandler,
     DashboardHandler,
@@ -65,6 +66,7 @@ def make_app(node: Node) -> tornado.web.Application:
             (r"/connection/websocket", WebSocketHandler, ws_args),
             (r"/connection/centrifuge/websocket", WebSocketHandler, centrifuge_args),
             (r"/connection/sse", SSEHandler, sse_args),
+            (r"/api/(batch)", ApiBatchHandler, args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),
             (r"/ready", ReadyHandler, args),
@@ -90,5 +92,6 @@ def make_app(node: Node) -> tornado.web.Application:
 
 
 def max_body_size(node: Node) -> int:
-    """HTTP bodies: one publication plus room for a broadcast's channel list."""
-    return node.settings.limits.max_publication_bytes + 1024 * 1024
+    """HTTP bodies: one publication plus room for a broadcast's channel list
+    or a batch's commands."""
+    return api_body_size(node.settings.limits)

@@ -5,7 +5,8 @@ and when the connection drops with a reconnect code it reconnects with
 backoff and recovers every subscription from its last offset, so a
 subscriber's iterator yields each publication once and in order.
 
-``ApiClient`` calls the HTTP server API with an API key.
+``ApiClient`` calls the HTTP server API with an API key; ``batch`` sends many
+commands (made with ``command``) in one request.
 
     client = Client("ws://127.0.0.1:8000/connection/websocket", token=token)
     await client.connect()
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,6 +420,12 @@ def _lines(frame: str | bytes) -> list[bytes]:
     return [line for line in frame.split(b"\n") if line]
 
 
+def command(method: str, /, **params: Any) -> dict[str, Any]:
+    """One command for ``ApiClient.batch``:
+    ``command("publish", channel="news", data={"title": "hello"})``."""
+    return {"method": method, "params": params}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: int, message: str) -> None:
         super().__init__(f"HTTP {status}, error {code}: {message}")
@@ -452,6 +459,35 @@ class ApiClient:
             err = payload.get("error", {})
             raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))
         return payload.get("result")
+
+    async def batch(
+        self, commands: Iterable[Mapping[str, Any]], *, stop_on_error: bool = False
+    ) -> list[dict[str, Any]]:
+        """Run many commands in one request (``POST /api/batch``; build them
+        with ``command``). Returns one reply per command, in order: each is
+        ``{"result": ...}`` or ``{"error": {"code", "message"}}`` (a failed
+        command does not raise). Raises ``ApiError`` when the server refuses
+        the whole request (too many commands, too large, a malformed command,
+        a wrong key); then nothing was run."""
+        body: dict[str, Any] = {"commands": list(commands)}
+        if stop_on_error:
+            body["stop_on_error"] = True
+        request = tornado.httpclient.HTTPRequest(
+            f"{self.base_url}/api/batch",
+            method="POST",
+            body=orjson.dumps(body),
+            headers={"Authorization": f"apikey {self.api_key}", "Content-Type": "application/json"},
+            request_timeout=self.timeout,
+        )
+        response = await self._http.fetch(request, raise_error=False)
+        if response.code == 599:
+            raise ApiError(599, 0, str(response.error))
+        payload = orjson.loads(response.body) if response.body else {}
+        if response.code >= 400 or "replies" not in payload:
+            err = payload.get("error", {})
+            raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))
+        replies: list[dict[str, Any]] = payload["replies"]
+        return replies
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("publish", {"channel": channel, "data": data})

@@ -78,6 +78,8 @@ class LimitSettings:
     send_queue_messages: int = 10000
     max_history_limit: int = 1000
     max_broadcast_channels: int = 1000
+    # Commands in one POST /api/batch (its bytes: the HTTP body limit).
+    max_batch_commands: int = 1000
     max_recovery_publications: int = 10000
     max_sse_channels: int = 16
 
@@ -236,6 +238,7 @@ _POSITIVE = {
     "send_queue_messages",
     "max_history_limit",
     "max_broadcast_channels",
+    "max_batch_commands",
     "max_recovery_publications",
     "max_sse_channels",
     "timeout",

@@ -29,6 +29,7 @@ def test_defaults_without_any_config() -> None:
         False,
     )
     assert s.server.allowed_origins == []
+    assert s.limits.max_batch_commands == 1000
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -77,6 +78,8 @@ def test_env_aliases(tmp_path: Path) -> None:
         ("[server]\nprot = 1", "server.prot"),
         ("[limits]\nmax_connections = -1", "limits.max_connections"),
         ("[limits]\nmax_connections = 1.5", "limits.max_connections"),
+        ("[limits]\nmax_batch_commands = 0", "limits.max_batch_commands"),
+        ("[limits]\nmax_batch_commands = 'many'", "limits.max_batch_commands"),
         ("[nope]\nx = 1", "nope"),
         ("[namespaces.chat]\npresence = 'yes'", "namespaces.chat.presence"),
         ("[namespaces.chat]\njoin_leave = true", "namespaces.chat.join_leave"),
