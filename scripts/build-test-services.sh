@@ -8,7 +8,9 @@
 #   - Centrifugo v6.9.1, the reference server of the Centrifugo-protocol tests
 #     (Go module proxy; scripts/build-centrifugo.sh);
 #   - the centrifuge-java SDK's scenario program (Maven Central;
-#     scripts/build-java-sdk-tests.sh).
+#     scripts/build-java-sdk-tests.sh);
+#   - the jars of NAV's mock-oauth2-server, an OpenID Connect provider for the
+#     JWKS tests (Maven Central; scripts/oidc/).
 # A missing toolchain is reported loudly and skipped here; the tests that need
 # the service then skip too, or fail under SQUALL_REQUIRE_SERVICES=1 (CI).
 set -uo pipefail
@@ -63,6 +65,29 @@ else
   fi
 fi
 ln -sfn "$os_cp" "$CACHE/opensearch-classpath.txt" 2>/dev/null || true
+
+# ---- An OpenID Connect provider (mock-oauth2-server) ------------------------
+# tests/services.py (oidc_classpath) finds it by the same hash of the pom.
+oidc_key=$(hash_of scripts/oidc/pom.xml)
+oidc_cp="$CACHE/oidc-$oidc_key/classpath.txt"
+if [ -s "$oidc_cp" ]; then
+  :
+elif ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+  echo "############################################################################" >&2
+  echo "build-test-services: Java 17+ and Maven are needed for the OIDC provider" >&2
+  echo "(mock-oauth2-server): JWKS tests will skip (apt-get install default-jdk-headless maven)" >&2
+  echo "############################################################################" >&2
+else
+  echo "build-test-services: resolving the OIDC provider's jars (first run only)"
+  mkdir -p "$(dirname "$oidc_cp")"
+  if mvn -B -q -f scripts/oidc/pom.xml dependency:build-classpath \
+      -Dmdep.outputFile="$oidc_cp.tmp" >/dev/null; then
+    mv "$oidc_cp.tmp" "$oidc_cp"
+  else
+    echo "build-test-services: resolving the OIDC provider FAILED" >&2
+    status=1
+  fi
+fi
 
 # ---- Centrifugo and the Java SDK's scenario ---------------------------------
 bash scripts/build-centrifugo.sh || status=1

@@ -11,6 +11,11 @@ must equal the connection's client id).
 
 Only the configured algorithms are accepted, so ``alg: none`` and HS/RS key
 confusion fail; HMAC and public-key algorithms are never mixed (config refuses).
+
+Keys: one HMAC secret, one public key (PEM), or an identity provider's key set
+(``auth.jwks_url``, ``server/jwks.py``), chosen by the token's ``kid``. With a
+key set, verification may wait for a refetch: sessions call the ``*_async``
+methods; the synchronous ones use the cached keys only.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jwt
 
 from server.config import AuthSettings
 from server.errors import TokenExpired, Unauthorized
+from server.jwks import JWKSCache
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,6 +45,8 @@ class ConnectClaims:
 
 
 def _load_key(settings: AuthSettings) -> str:
+    if settings.jwks_url:
+        return ""  # keys come from the key set
     if any(a.startswith("HS") for a in settings.token_algorithms):
         return settings.token_secret
     pem = settings.token_public_key
@@ -47,27 +55,114 @@ def _load_key(settings: AuthSettings) -> str:
     return pem
 
 
+class _BadSignature(Unauthorized):
+    """The signature does not match the key: with a key set, perhaps the
+    provider replaced the key under the same ``kid``."""
+
+
 class Authenticator:
     """Checks tokens and API keys. Messages returned to clients never include
     the token or a key; they say which claim failed."""
 
-    __slots__ = ("_algorithms", "_api_key", "_key", "_settings")
+    __slots__ = ("_algorithms", "_api_key", "_jwks", "_key", "_settings")
 
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
         self._algorithms = list(settings.token_algorithms)
         self._key = _load_key(settings)
         self._api_key = settings.api_key.encode()
+        self._jwks: JWKSCache | None = None
+        if settings.jwks_url:
+            self._jwks = JWKSCache(
+                settings.jwks_url,
+                self._algorithms,
+                cache_min=settings.jwks_cache_min,
+                cache_max=settings.jwks_cache_max,
+                refetch_interval=settings.jwks_refetch_interval,
+                timeout=settings.jwks_timeout,
+            )
+
+    @property
+    def jwks(self) -> JWKSCache | None:
+        """The identity provider's key set, when ``auth.jwks_url`` is set."""
+        return self._jwks
+
+    async def start(self) -> None:
+        """Fetch the key set (if any); never fails: see ``JWKSCache.start``."""
+        if self._jwks is not None:
+            await self._jwks.start()
+
+    async def close(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.close()
 
     def check_api_key(self, presented: str | None) -> bool:
         if not presented or not self._api_key:
             return False
         return hmac.compare_digest(presented.encode(), self._api_key)
 
-    def _decode(self, token: object, required: list[str]) -> dict[str, Any]:
+    # ---- keys -------------------------------------------------------------
+
+    def _header(self, token: object) -> tuple[str, str | None]:
+        """The token's ``alg`` (one of ours) and ``kid``, before any key is
+        looked up: a token in another algorithm never costs a refetch."""
         if not isinstance(token, str) or not token:
             raise Unauthorized("token must be a non-empty string")
-        if not self._key:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthorized("token algorithm not allowed")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("token 'kid' header must be a string")
+        return alg, kid
+
+    def _cached_key(self, token: object) -> tuple[Any, list[str]]:
+        if self._jwks is None:
+            return self._key, self._algorithms
+        alg, kid = self._header(token)
+        key = self._jwks.lookup(kid, alg)
+        if key is None:
+            if self._jwks.keys is None:
+                raise Unauthorized("token signing keys are not available yet; try again later")
+            raise Unauthorized("token 'kid' names no known signing key")
+        return key.key, [alg]
+
+    async def _claims(self, token: object, required: list[str]) -> dict[str, Any]:
+        jwks = self._jwks
+        if jwks is None:
+            return self._decode(token, required)
+        alg, kid = self._header(token)
+        key = await jwks.key_for(kid, alg)
+        try:
+            return self._decode(token, required, key.key, [alg])
+        except _BadSignature:
+            # The provider may have replaced the key under the same kid:
+            # refetch (rate limited, as for an unknown kid) and try once more.
+            if not await jwks.refetch_on_demand():
+                raise
+            fresh = jwks.lookup(kid, alg)
+            if fresh is None or fresh == key:
+                raise
+            return self._decode(token, required, fresh.key, [alg])
+
+    # ---- tokens -----------------------------------------------------------
+
+    def _decode(
+        self,
+        token: object,
+        required: list[str],
+        key: Any = None,
+        algorithms: list[str] | None = None,
+    ) -> dict[str, Any]:
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("token must be a non-empty string")
+        if key is None:
+            key, algorithms = self._key, self._algorithms
+        if not key:
             raise Unauthorized("token verification is not configured")
         options: Any = {"require": required}
         kwargs: dict[str, Any] = {}
@@ -80,8 +175,8 @@ class Authenticator:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
-                algorithms=self._algorithms,
+                key,
+                algorithms=algorithms,
                 options=options,
                 leeway=self._settings.leeway,
                 **kwargs,
@@ -93,7 +188,11 @@ class Authenticator:
         except jwt.InvalidAlgorithmError:
             raise Unauthorized("token algorithm not allowed") from None
         except jwt.InvalidSignatureError:
-            raise Unauthorized("token signature is invalid") from None
+            raise _BadSignature("token signature is invalid") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("token audience ('aud') is not accepted here") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("token issuer ('iss') is not accepted here") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
         if not isinstance(claims.get("sub"), str):
@@ -102,8 +201,8 @@ class Authenticator:
             raise Unauthorized("token 'exp' claim must be a number")
         return claims
 
-    def verify_connection_token(self, token: object) -> ConnectClaims:
-        claims = self._decode(token, ["sub", "exp"])
+    @staticmethod
+    def _connect_claims(claims: dict[str, Any]) -> ConnectClaims:
         if "channel" in claims:
             raise Unauthorized("a subscription token cannot be used to connect")
         channels = claims.get("channels", [])
@@ -113,11 +212,8 @@ class Authenticator:
             user=claims["sub"], exp=float(claims["exp"]), info=claims.get("info"), channels=channels
         )
 
-    def verify_subscription_token(
-        self, token: object, *, user: str, client: str, channel: str
-    ) -> float:
-        """Return the token's ``exp``; raise if it does not grant ``channel``."""
-        claims = self._decode(token, ["sub", "exp", "channel"])
+    @staticmethod
+    def _subscription_exp(claims: dict[str, Any], user: str, client: str, channel: str) -> float:
         if claims["channel"] != channel:
             raise Unauthorized("subscription token is for another channel")
         if claims["sub"] != user:
@@ -125,6 +221,32 @@ class Authenticator:
         if "client" in claims and claims["client"] != client:
             raise Unauthorized("subscription token is for another client")
         return float(claims["exp"])
+
+    def verify_connection_token(self, token: object) -> ConnectClaims:
+        """Check a connection token now, with the keys at hand (with a key
+        set: the cached one, never refetched). Sessions use the async form."""
+        key, algorithms = self._cached_key(token)
+        return self._connect_claims(self._decode(token, ["sub", "exp"], key, algorithms))
+
+    async def verify_connection_token_async(self, token: object) -> ConnectClaims:
+        """Check a connection token; with a key set, refetch it (rate
+        limited) when the token's key is not in it."""
+        return self._connect_claims(await self._claims(token, ["sub", "exp"]))
+
+    def verify_subscription_token(
+        self, token: object, *, user: str, client: str, channel: str
+    ) -> float:
+        """Return the token's ``exp``; raise if it does not grant ``channel``."""
+        key, algorithms = self._cached_key(token)
+        claims = self._decode(token, ["sub", "exp", "channel"], key, algorithms)
+        return self._subscription_exp(claims, user, client, channel)
+
+    async def verify_subscription_token_async(
+        self, token: object, *, user: str, client: str, channel: str
+    ) -> float:
+        """``verify_subscription_token``, refetching the key set when needed."""
+        claims = await self._claims(token, ["sub", "exp", "channel"])
+        return self._subscription_exp(claims, user, client, channel)
 
 
 _PBKDF2_ITERATIONS = 600_000

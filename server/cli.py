@@ -248,6 +248,35 @@ def _check_config(settings: Settings) -> int:
         f"config OK: listen {settings.server.host}:{settings.server.port}, "
         f"data {settings.data_path}, namespaces: {names}"
     )
+    if settings.auth.jwks_url:
+        return _check_jwks(settings)
+    return 0
+
+
+def _check_jwks(settings: Settings) -> int:
+    """Fetch the identity provider's key set once and say which keys it has
+    (key ids and algorithms only: no key material, no URL credentials)."""
+    from server.jwks import JWKSCache, JWKSError, safe_url
+
+    auth = settings.auth
+    cache = JWKSCache(
+        auth.jwks_url,
+        auth.token_algorithms,
+        cache_min=auth.jwks_cache_min,
+        cache_max=auth.jwks_cache_max,
+        timeout=auth.jwks_timeout,
+    )
+    try:
+        keys, lifetime = asyncio.run(cache.fetch_once())
+    except JWKSError as exc:
+        print(f"squall: auth.jwks_url: {exc}", file=sys.stderr)
+        return 1
+    shown = safe_url(auth.jwks_url)
+    print(f"jwks OK: {shown}: {len(keys.keys)} signing keys, kept {lifetime:.0f}s")
+    for key in keys.keys:
+        print(f"  kid {key.kid or '(none)'}: {key.kty}, {', '.join(sorted(key.algorithms))}")
+    for why in keys.skipped:
+        print(f"  left out {why}")
     return 0
 
 

@@ -59,6 +59,18 @@ class AuthSettings:
     api_key: str = ""
     # Seconds of clock skew tolerated on exp/nbf.
     leeway: float = 0.0
+    # An identity provider's JSON Web Key Set (OIDC `jwks_uri`): tokens are
+    # verified with the key their `kid` names (public-key algorithms only; not
+    # with token_public_key or token_secret).
+    jwks_url: str = ""
+    # Seconds the key set is kept: the provider's Cache-Control max-age or
+    # Expires, clamped to [jwks_cache_min, jwks_cache_max]; the floor without.
+    jwks_cache_min: float = 60.0
+    jwks_cache_max: float = 86400.0
+    # At most one refetch per this many seconds for tokens naming an unknown kid.
+    jwks_refetch_interval: float = 30.0
+    # Seconds one fetch of the key set may take (connect, and the whole request).
+    jwks_timeout: float = 10.0
 
 
 @dataclass(slots=True)
@@ -251,13 +263,19 @@ _POSITIVE = {
     "batch_size",
     "interval",
     "max_limit",
+    "jwks_cache_min",
+    "jwks_cache_max",
+    "jwks_refetch_interval",
+    "jwks_timeout",
 }
 _CHOICES = {
     "server.log_level": {"debug", "info", "warning", "error"},
     "store.sqlite_synchronous": {"FULL", "NORMAL", "EXTRA"},
     "search.engine": {"", "sqlite", "elasticsearch", "opensearch"},
 }
-_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"}
+_ALGORITHMS = {
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA",
+}  # fmt: skip
 
 
 def _field_types(cls: type[Any]) -> dict[str, Any]:
@@ -373,8 +391,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             "auth.token_algorithms", "do not mix HMAC (HS*) and public-key algorithms"
         )
-    if uses_pk and not settings.auth.token_public_key:
-        raise ConfigError("auth.token_public_key", "required for RS*/ES*/PS* algorithms")
+    if settings.auth.jwks_url:
+        _validate_jwks(settings.auth, uses_hs)
+    elif uses_pk and not settings.auth.token_public_key:
+        raise ConfigError(
+            "auth.token_public_key", "required for RS*/ES*/PS*/EdDSA algorithms (or auth.jwks_url)"
+        )
     if settings.auth.token_secret and len(settings.auth.token_secret.encode()) < 32:
         # RFC 7518 3.2: an HS256 key must be at least as long as the hash.
         raise ConfigError("auth.token_secret", "must be at least 32 bytes long")
@@ -431,6 +453,32 @@ def _validate(settings: Settings) -> None:
                 raise ConfigError(
                     f"namespaces.{name}.search_fields", f"bad field path {path!r} (a.b.c)"
                 )
+
+
+def _validate_jwks(auth: AuthSettings, uses_hs: bool) -> None:
+    """One source of keys: the provider's key set, never beside a static key."""
+    parts = urlsplit(auth.jwks_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("auth.jwks_url", "expected an http:// or https:// URL")
+    if uses_hs:
+        raise ConfigError(
+            "auth.token_algorithms",
+            "a key set (auth.jwks_url) verifies public-key algorithms only "
+            "(RS256, ES256, EdDSA, ...), not HS*",
+        )
+    if auth.token_public_key:
+        raise ConfigError(
+            "auth.token_public_key",
+            "set either token_public_key or jwks_url, not both: with jwks_url the keys "
+            "come from the provider",
+        )
+    if auth.token_secret:
+        raise ConfigError(
+            "auth.token_secret",
+            "not used with auth.jwks_url (tokens are signed by the provider's keys): remove it",
+        )
+    if auth.jwks_cache_max < auth.jwks_cache_min:
+        raise ConfigError("auth.jwks_cache_max", "must not be less than auth.jwks_cache_min")
 
 
 def _validate_store_and_search(settings: Settings) -> None:

@@ -156,6 +156,9 @@ class Node:
         except BrokerUnavailable:
             await self.store.close()
             raise
+        # The identity provider's key set (auth.jwks_url): fetched now, never
+        # fatal (tokens are refused until it arrives), refreshed in the background.
+        await self.auth.start()
         self.metrics.start()
         self._running = True
         self.spawn(self._report_forever())
@@ -195,6 +198,7 @@ class Node:
         for closer in self._closers:
             await closer()
         await self.metrics.stop()
+        await self.auth.close()
         await self._tasks.cancel_all()
         await self.broker.close()
         if self.search is not None:

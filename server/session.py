@@ -638,7 +638,9 @@ class Session:
             self.user = ""
             self.exp = 0.0
         else:
-            claims = self.node.auth.verify_connection_token(token)
+            claims = await self.node.auth.verify_connection_token_async(token)
+            if self.closed:  # went away while the key set was refetched
+                raise errors.Unauthorized("connection closed")
             self.user = claims.user
             self.exp = claims.exp
             self.info = ClientInfo(self.client_id, claims.user, claims.info)
@@ -758,7 +760,7 @@ class Session:
                 token = params.get("token")
                 if token is None:
                     raise errors.PermissionDenied("a subscription token is required")
-                token_exp = self._verify_subscription_token(token, name)
+                token_exp = await self._verify_subscription_token(token, name)
         if recover and (offset is None or epoch is None):
             raise errors.BadRequest("'recover' needs 'offset' and 'epoch'")
         # Register first and hold live publications, then read the position or
@@ -907,7 +909,7 @@ class Session:
     async def _cmd_refresh(self, params: dict[str, Any]) -> RefreshResult:
         if not self.user and not self.exp:
             raise errors.BadRequest("anonymous connections have no token to refresh")
-        claims = self.node.auth.verify_connection_token(params.get("token"))
+        claims = await self.node.auth.verify_connection_token_async(params.get("token"))
         if claims.user != self.user:
             raise errors.Unauthorized("token is for another user")
         self.exp = claims.exp
@@ -919,7 +921,7 @@ class Session:
         channel = self._subscribed_channel(params)
         if not channel.options.private:
             raise errors.BadRequest("only a private channel has a token to refresh")
-        exp = self._verify_subscription_token(params.get("token"), channel.name)
+        exp = await self._verify_subscription_token(params.get("token"), channel.name)
         self._expire_subscription_at(channel.name, exp)
         return SubRefreshResult(True, _ttl(exp))
 
@@ -948,9 +950,9 @@ class Session:
         self.node.spawn(self.unsubscribe(name))
         self.send(self.codec.unsubscribe(name, 2501, "subscription expired"))
 
-    def _verify_subscription_token(self, token: object, channel: str) -> float:
+    async def _verify_subscription_token(self, token: object, channel: str) -> float:
         try:
-            return self.node.auth.verify_subscription_token(
+            exp = await self.node.auth.verify_subscription_token_async(
                 token, user=self.user, client=self.client_id, channel=channel
             )
         except SquallError as exc:
@@ -958,6 +960,9 @@ class Session:
                 f"subscription token: {exc.message}",
                 expired=isinstance(exc, errors.TokenExpired),
             ) from None
+        if self.closed:  # went away while the key set was refetched
+            raise errors.BadSubscriptionToken("connection closed")
+        return exp
 
     async def _cmd_rpc(self, params: dict[str, Any]) -> Empty:
         raise errors.NotAvailable("this server has no RPC handlers")

@@ -291,6 +291,18 @@ def elastic_front(opensearch: Any) -> Iterator[Any]:
     front.stop()
 
 
+@pytest.fixture(scope="session")
+def oidc_provider() -> Iterator[Any]:
+    """A real OpenID Connect provider (NAV's mock-oauth2-server) for the
+    session: tokens from its token endpoint, keys from its JWKS. Tests that
+    stop or re-key a provider start one of their own (``tests.services.OIDCProvider``)."""
+    from tests.services import OIDCProvider
+
+    provider = OIDCProvider().start()
+    yield provider
+    provider.stop()
+
+
 @pytest.fixture
 def prefix() -> str:
     """A Redis key prefix of this test's own: tests share Redis servers."""

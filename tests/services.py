@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -411,6 +412,192 @@ class ElasticFront(_Process):
 
     def stop(self) -> None:
         self._stop()
+
+
+# ---- An OpenID Connect provider: NAV's mock-oauth2-server -----------------
+
+
+def oidc_classpath() -> Path:
+    """Where scripts/build-test-services.sh leaves the provider's classpath
+    for the current scripts/oidc/pom.xml (the same hash: never a stale build)."""
+    import hashlib
+
+    key = hashlib.sha256((ROOT / "scripts" / "oidc" / "pom.xml").read_bytes()).hexdigest()[:16]
+    return CACHE / f"oidc-{key}" / "classpath.txt"
+
+
+def new_rsa_jwk() -> dict[str, Any]:
+    """A fresh RSA private key as a JWK, for the provider to sign with."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+    jwk.pop("key_ops", None)  # PyJWT marks it "sign"; a provider's own key has none
+    return jwk
+
+
+class OIDCProvider(_Process):
+    """NAV's mock-oauth2-server (Maven Central; resolved by
+    scripts/build-test-services.sh) on a free loopback port: a real OAuth2 /
+    OpenID Connect provider with discovery, a token endpoint and a JWKS per
+    issuer (``/<issuer>/jwks``; its key's ``kid`` is the issuer id).
+
+    Tokens come from its token endpoint (client credentials grant) with the
+    claims a test asks for, through a request mapping in its JSON_CONFIG.
+    ``key`` (a private JWK) is what it signs with, so a restart on the same
+    port serves the same key, and ``restart(key=new_rsa_jwk())`` another.
+    It logs every JWKS request (LOG_LEVEL=DEBUG): ``jwks_requests`` counts them.
+    ``issuers`` get the claim mappings (``squall-next``: a second key, for rotation).
+    """
+
+    def __init__(self, *, issuers: tuple[str, ...] = ("squall", "squall-next")) -> None:
+        classpath = oidc_classpath()
+        java = shutil.which("java")
+        require(
+            "mock-oauth2-server (an OIDC provider; Java + Maven)",
+            classpath.exists() and java is not None,
+            "make test resolves it with Maven: scripts/build-test-services.sh",
+        )
+        assert java is not None
+        self.java = java
+        self.classpath = classpath.read_text().strip()
+        self.issuers = issuers
+        self.key = new_rsa_jwk()
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-oidc-"))
+        self.log = self.dir / "provider.log"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._marks = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def issuer(self, issuer_id: str = "squall") -> str:
+        """The ``iss`` of its tokens (what ``auth.token_issuer`` is set to)."""
+        return f"{self.url}/{issuer_id}"
+
+    def jwks_url(self, issuer_id: str = "squall") -> str:
+        return f"{self.url}/{issuer_id}/jwks"
+
+    def config(self) -> str:
+        import json
+
+        # Every claim comes from a form parameter of the token request (see
+        # ``token``); "kind" picks a connection or a subscription token.
+        base = {"sub": "${sub}", "aud": "${aud}", "iss": "${iss}"}
+        mappings = [
+            {"requestParam": "kind", "match": "connect", "claims": base},
+            {"requestParam": "kind", "match": "subscribe",
+             "claims": {**base, "channel": "${channel}"}},
+        ]  # fmt: skip
+        return json.dumps(
+            {
+                "interactiveLogin": False,
+                "httpServer": "NettyWrapper",
+                "tokenProvider": {
+                    "keyProvider": {"initialKeys": json.dumps(self.key), "algorithm": "RS256"}
+                },
+                "tokenCallbacks": [
+                    {"issuerId": i, "tokenExpiry": 3600, "requestMappings": mappings}
+                    for i in self.issuers
+                ],
+            }
+        )
+
+    def start(self, timeout: float = 90) -> OIDCProvider:
+        self.port = self.port or free_port()
+        env = {
+            **os.environ,
+            "SERVER_HOSTNAME": "127.0.0.1",
+            "SERVER_PORT": str(self.port),
+            "JSON_CONFIG": self.config(),
+            "LOG_LEVEL": "DEBUG",
+        }
+        main = "no.nav.security.mock.oauth2.StandaloneMockOAuth2ServerKt"
+        cmd = [self.java, "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+               "-cp", self.classpath, main]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.proc = proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
+        wait_until(lambda: self._alive() or proc.poll() is not None, timeout, "oidc provider")
+        if proc.poll() is not None:
+            self.proc = None
+            raise RuntimeError(f"oidc provider exited: {self.log.read_text()[-4000:]}")
+        return self
+
+    def _alive(self) -> bool:
+        return self._get("/isalive") == 200
+
+    def _get(self, path: str) -> int:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:  # loopback only
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def restart(self, *, key: dict[str, Any] | None = None) -> OIDCProvider:
+        """Stop, and start again on the same port (with another key if given)."""
+        self.stop()
+        if key is not None:
+            self.key = key
+        return self.start()
+
+    def stop(self) -> None:
+        self._stop()
+
+    def token(
+        self,
+        sub: str = "alice",
+        *,
+        aud: str = "squall",
+        channel: str | None = None,
+        iss: str | None = None,
+        issuer_id: str = "squall",
+    ) -> str:
+        """A token from the provider's token endpoint with these claims
+        (``iss`` defaults to the ``squall`` issuer's, whichever key signs)."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": "squall-tests",
+            "client_secret": "not-checked",
+            "kind": "subscribe" if channel is not None else "connect",
+            "sub": sub,
+            "aud": aud,
+            "iss": iss if iss is not None else self.issuer(),
+        }
+        if channel is not None:
+            form["channel"] = channel
+        request = urllib.request.Request(
+            f"{self.url}/{issuer_id}/token", data=urllib.parse.urlencode(form).encode()
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:  # loopback only
+            return str(json.loads(r.read())["access_token"])
+
+    def jwks_requests(self, issuer_id: str = "squall") -> int:
+        """How many JWKS requests for ``issuer_id`` the provider has logged.
+        A marker request (the same JWKS with a query string, not counted) is
+        made first and waited for in the log, so every request before it is
+        counted (the log is written in order)."""
+        self._marks += 1
+        marker = f"/{issuer_id}/jwks?mark={self._marks}"
+        assert self._get(marker) == 200
+        wait_until(lambda: f"{marker}\n" in self.log.read_text(), 10, "provider log")
+        wanted = f"handle jwks request on url={self.url}/{issuer_id}/jwks"
+        return sum(
+            1 for line in self.log.read_text().splitlines() if line.rstrip().endswith(wanted)
+        )
 
 
 # ---- Squall nodes as real processes --------------------------------------
