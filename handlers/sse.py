@@ -26,12 +26,15 @@ import collections
 import contextlib
 import logging
 import socket
+import sys
 import time
 import weakref
 from collections.abc import Awaitable
+from http import HTTPStatus
 from typing import cast
 from urllib.parse import parse_qsl, urlencode
 
+import orjson
 import tornado.iostream
 from tornado.httputil import format_timestamp
 
@@ -54,6 +57,12 @@ CLOSE_TIMEOUT = 5.0
 # its own.
 RETRY = b"retry: 1000\n\n"
 PING = b": ping\n\n"
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"X-Accel-Buffering: no\r\n"
+)
+HEAD_CHUNKED = _HEAD + b"Transfer-Encoding: chunked\r\n"
+HEAD_PLAIN = _HEAD + b"Connection: close\r\n"
 
 
 def encode_positions(positions: dict[str, StreamPosition]) -> str:
@@ -227,20 +236,27 @@ class SSEConnections:
 
 
 class SSEConnection(asyncio.Protocol):
-    """One event stream: the session's ``Transport``. Until the socket is
-    handed over (``connection_made``) what the session sends waits in
-    ``_early``, and the session waits for it like for a slow socket."""
+    """One event stream: the session's ``Transport``.
+
+    Tornado hands the socket over as soon as the request is checked; the
+    session is made here, as for WebSocket, and connects. Refused, the
+    client gets an HTTP error with a JSON body; connected, the response head
+    goes out with what the session sent meanwhile (held in ``_early``, the
+    session waiting for it as for a slow socket), then the subscriptions
+    are made."""
 
     __slots__ = (
         "_chunked",
         "_closing",
         "_drain",
         "_early",
-        "_head",
         "_registry",
+        "_requests",
         "_session_gone",
         "_started",
+        "_status",
         "_timer",
+        "_token",
         "_transport",
         "_write_paused",
         "path",
@@ -249,21 +265,33 @@ class SSEConnection(asyncio.Protocol):
     )
     kind = "sse"
 
-    def __init__(self, registry: SSEConnections, positions: _Positions, chunked: bool) -> None:
+    def __init__(
+        self,
+        registry: SSEConnections,
+        positions: _Positions,
+        *,
+        chunked: bool,
+        token: str | None,
+        requests: list[tuple[str, StreamPosition | None]],
+        path: str,
+    ) -> None:
         self._registry = registry
         self.positions = positions
         self._chunked = chunked
+        self._token = token
+        self._requests: list[tuple[str, StreamPosition | None]] | None = requests
+        self.path = path
         self.session: Session | None = None
         self._transport: asyncio.Transport | None = None
+        # What the session sends before the response head is out.
         self._early: list[bytes] | None = []
-        self._head = b""
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._closing: Disconnect | None = None
         self._session_gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._started = time.monotonic()
-        self.path = ""
+        self._status = 200
 
     # ---- asyncio protocol -------------------------------------------------
 
@@ -271,11 +299,44 @@ class SSEConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=0)
-        self._registry.add(self)
+        try:
+            self.session = self._registry.node.new_session(self, SSE)
+        except SquallError as exc:
+            self._refuse(exc)
+            return
+        self._registry.node.spawn(self._open(self.session))
+
+    async def _open(self, session: Session) -> None:
+        token, self._token = self._token, None
+        try:
+            await session.open_stream(token)
+        except SquallError as exc:
+            self._session_closed()
+            refusal = exc
+            if self._closing is not None:
+                # Closed meanwhile (the server is shutting down, say).
+                refusal = errors.Unavailable(self._closing.reason)
+            self._refuse(refusal)
+            return
+        except asyncio.CancelledError:
+            self.abort()  # the node is closing
+            raise
+        if self._transport is None:
+            return  # the client left meanwhile
+        self._start()
+        requests, self._requests = self._requests or [], None
+        if not session.closed:
+            await session.subscribe_stream(requests)
+
+    def _start(self) -> None:
+        """The response head, the retry event and what waited."""
+        transport = self._transport
+        assert transport is not None
         early, self._early = self._early or [], None
-        first = self._frame(RETRY)
-        transport.write(b"".join([self._head, first, *early]))
-        self._head = b""
+        head = HEAD_CHUNKED if self._chunked else HEAD_PLAIN
+        date = b"Date: " + format_timestamp(time.time()).encode() + b"\r\n\r\n"
+        transport.write(b"".join([head, date, self._frame(RETRY), *early]))
+        self._registry.add(self)
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             if self._write_paused:
@@ -284,6 +345,26 @@ class SSEConnection(asyncio.Protocol):
                 drain.set_result(None)
         if self._closing is not None:
             self._end(self._closing)
+
+    def _refuse(self, exc: SquallError) -> None:
+        """Answer the request with an HTTP error instead of a stream."""
+        transport = self._transport
+        self._early = None
+        self._status = exc.http_status
+        if transport is None:
+            return
+        body = orjson.dumps({"error": exc.to_json()})
+        reason = HTTPStatus(exc.http_status).phrase
+        transport.write(
+            (
+                f"HTTP/1.1 {exc.http_status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            + body
+        )
+        transport.close()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         pass  # an event stream is one-way: anything the client sends is ignored
@@ -310,8 +391,16 @@ class SSEConnection(asyncio.Protocol):
             drain.set_exception(ConnectionResetError("stream closed"))
             drain.exception()  # retrieved: the session learns of it in its callback
         self._transport = None
+        self._early = None
         self._session_closed()
-        access_log.info("200 GET %s %.1fms", self.path, 1000.0 * (time.monotonic() - self._started))
+        status = self._status
+        access_log.log(
+            logging.INFO if status < 400 else logging.WARNING,
+            "%d GET %s %.1fms",
+            status,
+            self.path,
+            1000.0 * (time.monotonic() - self._started),
+        )
 
     # ---- the session's Transport ------------------------------------------
 
@@ -320,12 +409,13 @@ class SSEConnection(asyncio.Protocol):
             raise ConnectionResetError("stream is closing")
         chunk, body, self.positions = self._registry.events(items, self.positions)
         data = chunk if self._chunked else body
-        transport = self._transport
-        if transport is None:
-            if self._early is None:
-                raise ConnectionResetError("stream closed")
-            self._early.append(data)
+        early = self._early
+        if early is not None:
+            early.append(data)  # before the head: written with it
         else:
+            transport = self._transport
+            if transport is None:
+                raise ConnectionResetError("stream closed")
             transport.write(data)
             if not self._write_paused:
                 return None
@@ -338,7 +428,7 @@ class SSEConnection(asyncio.Protocol):
         if self._closing is not None:
             return
         self._closing = disconnect
-        if self._transport is not None:
+        if self._transport is not None and self._early is None:
             self._end(disconnect)
 
     def _end(self, disconnect: Disconnect) -> None:
@@ -360,9 +450,6 @@ class SSEConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
-        else:
-            self._early = None
-            self._session_closed()
 
     def _session_closed(self) -> None:
         if self._session_gone:
@@ -371,17 +458,10 @@ class SSEConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.transport_closed()
 
-    async def adopt(self, stream: tornado.iostream.IOStream, head: bytes) -> None:
-        """Take the request's socket from Tornado and write the response
-        ``head`` first."""
-        self._head = head
+    async def adopt(self, stream: tornado.iostream.IOStream) -> None:
+        """Take the request's socket from Tornado."""
         sock = stream.socket
-        if self._session_gone:
-            stream.close()  # the session ended before the stream could start
-            return
         if stream.closed() or sock is None:
-            self._early = None
-            self._session_closed()
             return
         stream.io_loop.remove_handler(sock)
         fd = sock.detach()
@@ -391,13 +471,10 @@ class SSEConnection(asyncio.Protocol):
             await loop.connect_accepted_socket(lambda: self, raw)
         except OSError:
             raw.close()
-            self._early = None
-            self._session_closed()
 
 
 class SSEHandler(JSONHandler):
     connections: SSEConnections
-    _stream: SSEConnection | None = None
 
     def initialize(self, node: Node, connections: SSEConnections) -> None:  # type: ignore[override]
         self.node = node
@@ -413,44 +490,33 @@ class SSEHandler(JSONHandler):
         try:
             requests, positions = self._requests()
             token = self._token()
-            entries = tuple(sorted((ch, p.offset, p.epoch) for ch, p in positions.items()))
-            stream = SSEConnection(
-                self.connections,
-                self.connections.intern(entries),
-                chunked=self.request.version == "HTTP/1.1",
-            )
-            session = self.node.new_session(stream, SSE)
         except SquallError as exc:
             self.write_squall_error(exc)
             return
-        stream.session = session
-        stream.path = self.request.path
-        self._stream = stream
-        try:
-            await session.open_stream(token)
-        except SquallError as exc:
-            stream.abort()
-            self.write_squall_error(exc)
+        node = self.node
+        if node.draining or len(node.sessions) >= node.settings.limits.max_connections:
+            node.metrics.connections_refused += 1
+            reason = "server is shutting down" if node.draining else "connection limit reached"
+            self.write_squall_error(errors.Unavailable(reason))
             return
-        # Connected: the response starts now and the request is done with;
-        # the subscriptions (which may wait on the broker or the log) go on
-        # without it, their results as events.
-        await stream.adopt(self.detach(), self._head())
-        if not session.closed:
-            self.node.spawn(session.subscribe_stream(requests))
-
-    def _head(self) -> bytes:
-        lines = [
-            "HTTP/1.1 200 OK",
-            "Content-Type: text/event-stream",
-            "Cache-Control: no-cache",
-            "X-Accel-Buffering: no",
-            f"Date: {format_timestamp(time.time())}",
-            "Transfer-Encoding: chunked"
-            if self.request.version == "HTTP/1.1"
-            else "Connection: close",
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        entries = tuple(sorted((ch, p.offset, p.epoch) for ch, p in positions.items()))
+        stream = SSEConnection(
+            self.connections,
+            self.connections.intern(entries),
+            chunked=self.request.version == "HTTP/1.1",
+            token=token,
+            requests=requests,
+            path=sys.intern(self.request.path),
+        )
+        # The socket leaves Tornado now, before anything is awaited (as for
+        # WebSocket): the connection does the rest.
+        detached = self.detach()
+        # finish() would break the handler's reference cycle (through its
+        # UI-module namespace); detach() does not, and the handler, its
+        # request and Tornado's connection would wait for the cyclic garbage
+        # collector, which runs rarely here (server.cli.tune_gc).
+        self.ui = None  # type: ignore[assignment]
+        await stream.adopt(detached)
 
     def _token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -475,8 +541,3 @@ class SSEHandler(JSONHandler):
         requests = [(ch, positions.get(ch)) for ch in channels]
         kept = {ch: p for ch, p in positions.items() if ch in channels}
         return requests, kept
-
-    def on_connection_close(self) -> None:
-        # The client left while the stream was being set up.
-        if self._stream is not None:
-            self._stream.abort()
