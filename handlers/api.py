@@ -17,12 +17,14 @@ from typing import Any
 import orjson
 import tornado.web
 from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
 
 from handlers.base import JSONHandler
 from server import errors
 from server.channels import Channel
 from server.config import LimitSettings
 from server.errors import SquallError
+from server.node import Node
 from server.session import MAX_INFLIGHT_PUBLISHES
 
 log = logging.getLogger("squall.api")
@@ -47,6 +49,19 @@ def max_body_size(limits: LimitSettings) -> int:
     broadcast's channel list or a batch's commands (docs/api.md says why a
     batch gets no more)."""
     return limits.max_publication_bytes + 1024 * 1024
+
+
+ApiCall = Callable[[dict[str, Any]], Awaitable[Any]]
+Reply = dict[str, Any]
+
+
+def presented_api_key(request: HTTPServerRequest) -> str | None:
+    """The key of ``Authorization: apikey <key>``, or None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "apikey":
+        return None
+    return key.strip()
 
 
 class ApiHandler(JSONHandler):
@@ -102,13 +117,21 @@ class ApiHandler(JSONHandler):
         self.write_json({"result": result})
 
     def _presented_key(self) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "apikey":
-            return None
-        return key.strip()
+        return presented_api_key(self.request)
 
-    def _methods(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
+    def _methods(self) -> dict[str, ApiCall]:
+        return ApiMethods(self.node).table()
+
+
+class ApiMethods:
+    """The API methods on a node, free of HTTP: ``POST /api/<method>``, a
+    batch's commands and an API stream's commands all call these. Each takes
+    its params object and returns its ``result``, or raises ``SquallError``."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def table(self) -> dict[str, ApiCall]:
         return {
             "publish": self.publish,
             "broadcast": self.broadcast,
@@ -125,14 +148,14 @@ class ApiHandler(JSONHandler):
     async def search(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.node.search_json(body)
 
-    def _publish_params(self, body: dict[str, Any]) -> tuple[Channel, bytes]:
-        """A publish's channel and encoded data, checked (no await: a batch
+    def publish_params(self, body: dict[str, Any]) -> tuple[Channel, bytes]:
+        """A publish's channel and encoded data, checked (no await: a pipeline
         relies on it to start its publishes in command order)."""
         channel = self.node.channels.resolve(body.get("channel"))
         return channel, self.node.publication_data(body)
 
     async def publish(self, body: dict[str, Any]) -> dict[str, Any]:
-        channel, data = self._publish_params(body)
+        channel, data = self.publish_params(body)
         pub = await self.node.publish(channel, data)
         return {"offset": pub.offset, "epoch": pub.epoch}
 
@@ -233,17 +256,9 @@ class ApiBatchHandler(ApiHandler):
     """``POST /api/batch``: many API commands in one request, one reply each,
     in order; JSON (``{"commands": [...]}``) or NDJSON (one command a line).
 
-    How commands run, as a connection's publishes do (``Session``): on a
-    broker that keeps concurrent publishes in call order
-    (``Broker.ordered_publish``: Redis, one pipeline per round trip) a
-    publish starts as soon as it is checked, without waiting for the ones
-    before it (at most ``MAX_BATCH_INFLIGHT`` at once), so a batch costs a
-    few round trips; any other command waits until every publish before it
-    is answered, so it sees their effect. On the other brokers (the embedded
-    one never waits in ``publish``) commands run one after another. Either
-    way a channel's publications get their offsets in command order. With
-    ``stop_on_error`` commands run one after another and the first failure
-    ends the batch.
+    Commands run through a ``CommandPipeline`` (publishes pipelined on
+    Redis, a channel's offsets in command order). With ``stop_on_error``
+    commands run one after another and the first failure ends the batch.
 
     The body is streamed in so that one over the limit gets a JSON 413
     instead of a closed connection.
@@ -362,39 +377,21 @@ class ApiBatchHandler(ApiHandler):
 
     # ---- running it -----------------------------------------------------
 
-    async def _one(
-        self,
-        methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]],
-        method: str,
-        params: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Run one command to its reply; never raises."""
-        try:
-            call = methods.get(method)
-            if call is None:
-                if method == "batch":
-                    raise errors.MethodNotFound("'batch' cannot be used inside a batch")
-                raise errors.MethodNotFound(f"unknown API method {method!r}")
-            self.node.metrics.count_api(method)
-            result = await call(params)
-        except SquallError as exc:
-            self.node.metrics.count_error(exc.code)
-            return _error_reply(exc)
-        except Exception:
-            log.exception("batch command %r failed", method)
-            self.node.metrics.count_error(errors.InternalError.code)
-            return _error_reply(errors.InternalError())
-        return {"result": result}
+    def _pipeline(self, replies: list[Reply]) -> CommandPipeline:
+        return CommandPipeline(
+            ApiMethods(self.node),
+            lambda _tag, reply: replies.append(reply),
+            name="batch",
+            nested="'batch' cannot be used inside a batch",
+        )
 
-    async def _run_in_turn(
-        self, commands: list[tuple[str, dict[str, Any]]]
-    ) -> list[dict[str, Any]]:
+    async def _run_in_turn(self, commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
         """``stop_on_error``: one command at a time; after the first failure
         the rest are answered as not run."""
-        methods = self._methods()
-        replies: list[dict[str, Any]] = []
+        pipeline = self._pipeline([])
+        replies: list[Reply] = []
         for index, (method, params) in enumerate(commands):
-            reply = await self._one(methods, method, params)
+            reply = await pipeline.call(method, params)
             replies.append(reply)
             if "error" in reply:
                 skipped = _error_reply(
@@ -404,55 +401,127 @@ class ApiBatchHandler(ApiHandler):
                 break
         return replies
 
-    async def _run(self, commands: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        methods = self._methods()
-        if not self.node.broker.ordered_publish:
-            # The embedded broker never waits in ``publish``: a task per
-            # publication would only cost time (measured: ~50 % more CPU).
-            return [await self._one(methods, method, params) for method, params in commands]
-        replies: list[dict[str, Any]] = [{} for _ in commands]
-        loop = asyncio.get_running_loop()
-        window: collections.deque[asyncio.Task[None]] = collections.deque()
-        for index, (method, params) in enumerate(commands):
-            if method != "publish":
-                if window:
-                    await asyncio.wait(window)
-                    window.clear()
-                replies[index] = await self._one(methods, method, params)
-                continue
-            self.node.metrics.count_api(method)
-            try:
-                channel, data = self._publish_params(params)
-            except SquallError as exc:
-                self.node.metrics.count_error(exc.code)
-                replies[index] = _error_reply(exc)
-                continue
-            while window and window[0].done():
-                window.popleft()
-            if len(window) >= MAX_BATCH_INFLIGHT:
-                await asyncio.wait((window.popleft(),))
-            # Created in command order, so each reaches the broker in
-            # command order: ``ordered_publish`` keeps that order.
-            window.append(loop.create_task(self._publish_into(replies, index, channel, data)))
-        if window:
-            await asyncio.wait(window)
+    async def _run(self, commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
+        replies: list[Reply] = []
+        pipeline = self._pipeline(replies)
+        for method, params in commands:
+            await pipeline.submit(None, method, params)
+        await pipeline.drain()
         return replies
 
-    async def _publish_into(
-        self,
-        replies: list[dict[str, Any]],
-        index: int,
-        channel: Channel,
-        data: bytes,
+
+class CommandPipeline:
+    """Runs a sequence of API commands, as a batch or an API stream does, and
+    hands each reply (``{"result": ...}`` or ``{"error": ...}``) to ``emit``
+    with its ``tag``, in command order.
+
+    How commands run, as a connection's publishes do (``Session``): on a
+    broker that keeps concurrent publishes in call order
+    (``Broker.ordered_publish``: Redis, one pipeline per round trip) a
+    publish starts as soon as it is checked, without waiting for the ones
+    before it (at most ``MAX_BATCH_INFLIGHT`` at once: past it ``submit``
+    waits for the oldest), so many publishes cost a few round trips; any
+    other command waits until every publish before it is answered, so it
+    sees their effect. On the other brokers (the embedded one never waits in
+    ``publish``) commands run one after another. Either way a channel's
+    publications get their offsets in command order.
+    """
+
+    def __init__(
+        self, api: ApiMethods, emit: Callable[[Any, Reply], None], *, name: str, nested: str
     ) -> None:
+        self.api = api
+        self._node = api.node
+        self._methods = api.table()
+        self._emit = emit
+        self._name = name
+        self._nested = nested
+        self._pipelined = api.node.broker.ordered_publish
+        # (tag, the reply to come), in command order.
+        self._window: collections.deque[tuple[Any, asyncio.Future[Reply]]] = collections.deque()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._window)
+
+    def tasks(self) -> list[asyncio.Future[Reply]]:
+        return [fut for _, fut in self._window]
+
+    async def call(self, method: str, params: dict[str, Any]) -> Reply:
+        """Run one command to its reply now; never raises."""
         try:
-            pub = await self.node.publish(channel, data)
+            call = self._methods.get(method)
+            if call is None:
+                if method == "batch":
+                    raise errors.MethodNotFound(self._nested)
+                raise errors.MethodNotFound(f"unknown API method {method!r}")
+            self._node.metrics.count_api(method)
+            result = await call(params)
         except SquallError as exc:
-            self.node.metrics.count_error(exc.code)
-            replies[index] = _error_reply(exc)
+            self._node.metrics.count_error(exc.code)
+            return _error_reply(exc)
         except Exception:
-            log.exception("batch publish to %s failed", channel.name)
-            self.node.metrics.count_error(errors.InternalError.code)
-            replies[index] = _error_reply(errors.InternalError())
+            log.exception("%s command %r failed", self._name, method)
+            self._node.metrics.count_error(errors.InternalError.code)
+            return _error_reply(errors.InternalError())
+        return {"result": result}
+
+    def answer(self, tag: Any, reply: Reply) -> None:
+        """A reply that is ready now: emitted after the ones still in flight."""
+        if self._window:
+            ready: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            ready.set_result(reply)
+            self._window.append((tag, ready))
         else:
-            replies[index] = {"result": {"offset": pub.offset, "epoch": pub.epoch}}
+            self._emit(tag, reply)
+
+    async def submit(self, tag: Any, method: str, params: dict[str, Any]) -> None:
+        """Run a command, or start it (a pipelined publish). Returns when the
+        next command may be submitted."""
+        if not self._pipelined or method != "publish":
+            if self._window:
+                await self.drain()
+            self._emit(tag, await self.call(method, params))
+            return
+        self._node.metrics.count_api(method)
+        try:
+            channel, data = self.api.publish_params(params)
+        except SquallError as exc:
+            self._node.metrics.count_error(exc.code)
+            self.answer(tag, _error_reply(exc))
+            return
+        if len(self._window) >= MAX_BATCH_INFLIGHT:
+            await asyncio.wait((self._window[0][1],))
+            self._flush()
+        # Created in command order, so each reaches the broker in command
+        # order: ``ordered_publish`` keeps that order.
+        task = asyncio.get_running_loop().create_task(self._publish(channel, data))
+        task.add_done_callback(self._flush)
+        self._window.append((tag, task))
+
+    async def drain(self) -> None:
+        """Wait until every command submitted is answered."""
+        while self._window:
+            await asyncio.wait(self.tasks())
+            self._flush()
+
+    def _flush(self, _done: object = None) -> None:
+        window = self._window
+        while window and window[0][1].done():
+            tag, fut = window.popleft()
+            if fut.cancelled():
+                self._emit(tag, _error_reply(errors.InternalError()))
+            else:
+                self._emit(tag, fut.result())
+
+    async def _publish(self, channel: Channel, data: bytes) -> Reply:
+        try:
+            pub = await self._node.publish(channel, data)
+        except SquallError as exc:
+            self._node.metrics.count_error(exc.code)
+            return _error_reply(exc)
+        except Exception:
+            log.exception("%s publish to %s failed", self._name, channel.name)
+            self._node.metrics.count_error(errors.InternalError.code)
+            return _error_reply(errors.InternalError())
+        return {"result": {"offset": pub.offset, "epoch": pub.epoch}}

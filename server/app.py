@@ -10,6 +10,7 @@ import tornado.web
 
 from handlers.api import ApiBatchHandler, ApiHandler
 from handlers.api import max_body_size as api_body_size
+from handlers.api_stream import ApiStreamHandler, ApiStreams
 from handlers.pages import (
     DashboardDataHandler,
     DashboardHandler,
@@ -66,6 +67,11 @@ def make_app(node: Node) -> tornado.web.Application:
             (r"/connection/websocket", WebSocketHandler, ws_args),
             (r"/connection/centrifuge/websocket", WebSocketHandler, centrifuge_args),
             (r"/connection/sse", SSEHandler, sse_args),
+            (
+                r"/api/connection/websocket",
+                ApiStreamHandler,
+                {"node": node, "streams": ApiStreams(node)},
+            ),
             (r"/api/(batch)", ApiBatchHandler, args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),

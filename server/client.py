@@ -6,7 +6,8 @@ backoff and recovers every subscription from its last offset, so a
 subscriber's iterator yields each publication once and in order.
 
 ``ApiClient`` calls the HTTP server API with an API key; ``batch`` sends many
-commands (made with ``command``) in one request.
+commands (made with ``command``) in one request; ``connect_stream`` opens an
+``ApiStream``, one WebSocket carrying API commands pipelined.
 
     client = Client("ws://127.0.0.1:8000/connection/websocket", token=token)
     await client.connect()
@@ -493,6 +494,13 @@ class ApiClient:
         result: dict[str, Any] = await self.call("publish", {"channel": channel, "data": data})
         return result
 
+    async def connect_stream(self) -> ApiStream:
+        """Open an ``ApiStream`` (``GET /api/connection/websocket``) with this
+        client's URL and key. Raises ``ApiError`` when the server refuses it."""
+        stream = ApiStream(self.base_url, self.api_key, timeout=self.timeout)
+        await stream.connect()
+        return stream
+
     async def broadcast(self, channels: list[str], data: Any) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("broadcast", {"channels": channels, "data": data})
         return result
@@ -512,3 +520,150 @@ class ApiClient:
     async def search(self, query: str, **params: Any) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("search", {"query": query, **params})
         return result
+
+
+class ApiStream:
+    """The server API over one WebSocket (``docs/api.md``, "API stream").
+
+    ``call`` and ``publish`` send the command at once and return a future of
+    its result, so many are in flight together; ``ReplyError`` is raised
+    from an error reply, ``ConnectionClosed`` when the connection ends
+    first::
+
+        stream = await api.connect_stream()
+        replies = [stream.publish("news", n) for n in range(1000)]
+        results = await asyncio.gather(*replies)
+        await stream.close()
+
+    The server reads no faster than it answers, so a sender that awaits its
+    replies now and then (in chunks of a few thousand) keeps this side's
+    buffers small too.
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0) -> None:
+        url = base_url.rstrip("/")
+        if url.startswith("http"):
+            url = "ws" + url[len("http") :]
+        self.url = f"{url}/api/connection/websocket"
+        self.api_key = api_key
+        self.timeout = timeout
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self._ws: tornado.websocket.WebSocketClientConnection | None = None
+        self._next_id = 0
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._closed: ConnectionClosed | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def connect(self) -> None:
+        request = tornado.httpclient.HTTPRequest(
+            self.url,
+            headers={"Authorization": f"apikey {self.api_key}"},
+            connect_timeout=self.timeout,
+            request_timeout=self.timeout,
+        )
+        try:
+            self._ws = await tornado.websocket.websocket_connect(
+                request, max_message_size=64 * 1024 * 1024
+            )
+        except tornado.httpclient.HTTPClientError as exc:
+            body = exc.response.body if exc.response is not None else b""
+            try:
+                err = orjson.loads(body).get("error", {}) if body else {}
+            except orjson.JSONDecodeError:
+                err = {}
+            raise ApiError(exc.code, err.get("code", 0), err.get("message", str(exc))) from None
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    @property
+    def pending(self) -> int:
+        """Commands sent and not yet answered."""
+        return len(self._waiters)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> asyncio.Future[Any]:
+        """Send one command; the future resolves to its ``result``."""
+        if self._closed is not None:
+            raise self._closed
+        if self._ws is None:
+            raise ConnectionClosed(None, "not connected")
+        self._next_id += 1
+        cmd_id = self._next_id
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[cmd_id] = fut
+        self._idle.clear()
+        try:
+            self._ws.write_message(
+                orjson.dumps({"id": cmd_id, "method": method, "params": params or {}}).decode()
+            )
+        except tornado.websocket.WebSocketClosedError:
+            self._waiters.pop(cmd_id, None)
+            raise ConnectionClosed(self._ws.close_code, self._ws.close_reason) from None
+        return fut
+
+    def publish(self, channel: str, data: Any) -> asyncio.Future[Any]:
+        """The future resolves to ``{"offset": ..., "epoch": ...}``."""
+        return self.call("publish", {"channel": channel, "data": data})
+
+    async def drain(self) -> None:
+        """Wait until every command sent is answered (or the connection ends)."""
+        await asyncio.wait_for(self._idle.wait(), self.timeout)
+
+    async def close(self) -> None:
+        """Wait (up to ``timeout``) for the replies still due, then close.
+        Commands still unanswered fail with ``ConnectionClosed``."""
+        if self._ws is None:
+            return
+        if self._closed is None:
+            with contextlib.suppress(TimeoutError):
+                await self.drain()
+        self._ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), self.timeout)
+            if not self._reader.done():
+                self._reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reader
+        self._end(ConnectionClosed(None, "client closed"))
+
+    async def __aenter__(self) -> ApiStream:
+        if self._ws is None:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read_forever(self) -> None:
+        ws = self._ws
+        assert ws is not None
+        while True:
+            frame = await ws.read_message()
+            if frame is None:
+                self.close_code = ws.close_code
+                self.close_reason = ws.close_reason
+                self._end(ConnectionClosed(self.close_code, self.close_reason))
+                return
+            for line in _lines(frame):
+                msg = orjson.loads(line)
+                fut = self._waiters.pop(msg.get("id"), None)
+                if fut is None or fut.done():
+                    continue
+                if "error" in msg:
+                    fut.set_exception(ReplyError(msg["error"]["code"], msg["error"]["message"]))
+                else:
+                    fut.set_result(msg.get("result"))
+            if not self._waiters:
+                self._idle.set()
+
+    def _end(self, error: ConnectionClosed) -> None:
+        if self._closed is None:
+            self._closed = error
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: nobody may be waiting for it
+        self._idle.set()
