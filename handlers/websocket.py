@@ -27,6 +27,7 @@ from server.codec import Codec
 from server.errors import NO_PONG, SHUTDOWN, Disconnect, SquallError
 from server.node import Node
 from server.protocol import SQUALL
+from server.proxy import ConnectionMeta
 from server.session import Session, State
 
 log = logging.getLogger("squall.websocket")
@@ -170,9 +171,14 @@ class WebSocketConnections:
             self._timer = loop.call_later(self._tick, self._ping_round)
         # else: the next connection starts the timer again
 
-    async def adopt(self, stream: tornado.iostream.IOStream, codec: Codec = SQUALL) -> None:
+    async def adopt(
+        self,
+        stream: tornado.iostream.IOStream,
+        codec: Codec = SQUALL,
+        meta: ConnectionMeta | None = None,
+    ) -> None:
         """Take the socket of an upgraded request from Tornado; the
-        connection speaks ``codec``."""
+        connection speaks ``codec``. ``meta`` is for the proxy hooks."""
         try:
             await stream.write(b"")  # resolves once the 101 reply is with the kernel
         except tornado.iostream.StreamClosedError:
@@ -184,7 +190,7 @@ class WebSocketConnections:
         stream.io_loop.remove_handler(sock)
         fd = sock.detach()
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        conn = WebSocketConnection(self, leftover, codec)
+        conn = WebSocketConnection(self, leftover, codec, meta)
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: conn, raw)
@@ -204,6 +210,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_inbox",
         "_inbox_bytes",
         "_leftover",
+        "_meta",
         "_parser",
         "_pinged",
         "_pong",
@@ -219,9 +226,14 @@ class WebSocketConnection(asyncio.Protocol):
     kind = "websocket"
 
     def __init__(
-        self, registry: WebSocketConnections, leftover: bytes, codec: Codec = SQUALL
+        self,
+        registry: WebSocketConnections,
+        leftover: bytes,
+        codec: Codec = SQUALL,
+        meta: ConnectionMeta | None = None,
     ) -> None:
         self._registry = registry
+        self._meta = meta
         self._codec = codec
         self._frames = registry.frames(codec)
         self._pong = codec.pong
@@ -252,8 +264,9 @@ class WebSocketConnection(asyncio.Protocol):
         # queues (and coalesces) instead of piling frames up in the transport.
         transport.set_write_buffer_limits(high=0)
         self._registry.add(self)
+        meta, self._meta = self._meta, None  # the session keeps it
         try:
-            self.session = self._registry.node.new_session(self, self._codec)
+            self.session = self._registry.node.new_session(self, self._codec, meta)
         except SquallError as exc:
             self._start_close(wsframe.CLOSE_TRY_AGAIN_LATER, exc.message)
             return
@@ -515,4 +528,8 @@ class WebSocketHandler(tornado.web.RequestHandler):
         if subprotocol is not None:
             self.set_header("Sec-WebSocket-Protocol", subprotocol)
         self.finish()
-        await self.connections.adopt(self.detach(), codec)
+        # Only the headers the proxy hooks forward (nothing without hooks).
+        meta = self.node.connection_meta(
+            "websocket", self.request.remote_ip or "", self.request.headers
+        )
+        await self.connections.adopt(self.detach(), codec, meta)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -167,6 +168,26 @@ class DashboardSettings:
 
 
 @dataclass(slots=True)
+class ProxySettings:
+    # HTTP hooks to the application's back end (docs/auth.md#proxy-hooks).
+    # Empty: that hook is off.
+    connect_url: str = ""
+    # For every namespace, unless it sets proxy_subscribe_url / proxy_publish_url.
+    subscribe_url: str = ""
+    publish_url: str = ""
+    refresh_url: str = ""
+    # Seconds one hook call may take (connecting and answering); then the
+    # client gets a temporary error. With connect_url, less than
+    # limits.connect_timeout.
+    timeout: float = 3.0
+    # Request headers of the connection passed to the hooks (any case); no
+    # others are kept.
+    forward_headers: list[str] = field(default_factory=lambda: ["Cookie", "Authorization"])
+    # Call the connect hook also when the client sends a (valid) token.
+    connect_with_token: bool = False
+
+
+@dataclass(slots=True)
 class NamespaceOptions:
     history_size: int = 100
     history_ttl: float = 600.0
@@ -186,6 +207,10 @@ class NamespaceOptions:
     # Dotted paths into the data whose text is indexed, e.g. ["text",
     # "author.name"]; empty indexes every string in the data.
     search_fields: list[str] = field(default_factory=list)
+    # This namespace's subscribe / publish hooks (empty: proxy.subscribe_url /
+    # proxy.publish_url, if set).
+    proxy_subscribe_url: str = ""
+    proxy_publish_url: str = ""
 
     def history_options(self) -> HistoryOptions:
         return HistoryOptions(self.history_size, self.history_ttl, self.history_meta_ttl)
@@ -200,6 +225,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     namespaces: dict[str, NamespaceOptions] = field(
         default_factory=lambda: {"default": NamespaceOptions()}
     )
@@ -217,6 +243,7 @@ SECTIONS: dict[str, type[Any]] = {
     "store": StoreSettings,
     "search": SearchSettings,
     "dashboard": DashboardSettings,
+    "proxy": ProxySettings,
 }
 
 # Short names operators script; each maps to a dotted key.
@@ -408,6 +435,7 @@ def _validate(settings: Settings) -> None:
                 "broker.url", f"expected redis://, rediss:// or redis+cluster:// URLs, got {url!r}"
             )
     _validate_store_and_search(settings)
+    _validate_proxy(settings)
     if settings.broker.url.count("redis+cluster://") not in (0, settings.broker.url.count("://")):
         raise ConfigError("broker.url", "do not mix redis+cluster:// with other URLs")
     limits = settings.limits
@@ -479,6 +507,41 @@ def _validate_jwks(auth: AuthSettings, uses_hs: bool) -> None:
         )
     if auth.jwks_cache_max < auth.jwks_cache_min:
         raise ConfigError("auth.jwks_cache_max", "must not be less than auth.jwks_cache_min")
+
+
+def _check_hook_url(key: str, url: str) -> None:
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"expected an http:// or https:// URL, got {url!r}")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _validate_proxy(settings: Settings) -> None:
+    proxy = settings.proxy
+    for name in ("connect_url", "subscribe_url", "publish_url", "refresh_url"):
+        _check_hook_url(f"proxy.{name}", getattr(proxy, name))
+    for ns_name, ns in settings.namespaces.items():
+        _check_hook_url(f"namespaces.{ns_name}.proxy_subscribe_url", ns.proxy_subscribe_url)
+        _check_hook_url(f"namespaces.{ns_name}.proxy_publish_url", ns.proxy_publish_url)
+    if proxy.connect_url and proxy.timeout >= settings.limits.connect_timeout:
+        raise ConfigError(
+            "proxy.timeout",
+            f"must be less than limits.connect_timeout ({settings.limits.connect_timeout:g} s), "
+            "or slow connect hooks would close connections as timed out",
+        )
+    seen: set[str] = set()
+    for header in proxy.forward_headers:
+        if not _HEADER_NAME.fullmatch(header):
+            raise ConfigError("proxy.forward_headers", f"{header!r} is not an HTTP header name")
+        if header.lower() in seen:
+            raise ConfigError("proxy.forward_headers", f"{header!r} is listed twice")
+        seen.add(header.lower())
+    if proxy.connect_with_token and not proxy.connect_url:
+        raise ConfigError("proxy.connect_with_token", "needs proxy.connect_url")
 
 
 def _validate_store_and_search(settings: Settings) -> None:

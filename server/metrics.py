@@ -15,7 +15,12 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from server.codecs.centrifuge import METHODS as CENTRIFUGE_METHODS
 from server.errors import Disconnect
@@ -23,6 +28,7 @@ from server.protocol import METHODS
 
 if TYPE_CHECKING:
     from server.node import Node
+    from server.proxy import ProxyStats
 
 
 class Metrics:
@@ -193,3 +199,32 @@ class _Collector:
         for method, n in sorted(m.api_calls.items()):
             api.add_metric([method], n)
         yield api
+        if node.proxy is not None:
+            yield from _proxy_families(node.proxy.stats)
+
+
+def _proxy_families(stats: ProxyStats) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "squall_proxy_requests",
+        "Proxy hook calls by outcome (ok, error, disconnect: the back end's answer; failed)",
+        labels=["hook", "result"],
+    )
+    for (hook, result), n in sorted(stats.requests.items()):
+        requests.add_metric([hook, result], n)
+    yield requests
+    failures = CounterMetricFamily(
+        "squall_proxy_failures",
+        "Failed proxy hook calls by reason (timeout, connection, status, response)",
+        labels=["hook", "reason"],
+    )
+    for (hook, reason), n in sorted(stats.failures.items()):
+        failures.add_metric([hook, reason], n)
+    yield failures
+    durations = HistogramMetricFamily(
+        "squall_proxy_request_duration_seconds",
+        "Proxy hook call durations",
+        labels=["hook"],
+    )
+    for hook in sorted(stats.counts):
+        durations.add_metric([hook], stats.histogram(hook), sum_value=stats.sums[hook])
+    yield durations

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from server.config import Settings
 from server.hub import Hub
 from server.metrics import Metrics
 from server.models import ClientInfo, Publication, StreamPosition
+from server.proxy import ConnectionMeta, Proxy
 from server.search import (
     BadSearch,
     SearchIndex,
@@ -130,6 +131,12 @@ class Node:
                 batch_size=settings.search.batch_size,
                 interval=settings.search.interval,
             )
+        # The hooks to the application's back end; None when none is set, so
+        # sessions check one attribute and keep no request headers.
+        self.proxy = Proxy(settings) if Proxy.configured(settings) else None
+        # Publishes that wait for a hook first cannot keep their order in a
+        # pipeline: a session pipelines them only when no namespace has one.
+        self.hooked_publish = self.proxy is not None and bool(self.proxy.publish_urls)
         self.metrics = Metrics(self)
         self.flusher = Flusher(self.metrics)
         self.hub = Hub(self.flusher)
@@ -199,6 +206,8 @@ class Node:
             await closer()
         await self.metrics.stop()
         await self.auth.close()
+        if self.proxy is not None:
+            await self.proxy.close()
         await self._tasks.cancel_all()
         await self.broker.close()
         if self.search is not None:
@@ -218,15 +227,32 @@ class Node:
 
     # ---- sessions -------------------------------------------------------
 
-    def new_session(self, transport: Transport, codec: Codec = protocol.SQUALL) -> Session:
-        """Accept a connection, or raise ``Unavailable`` when draining or full."""
+    def connection_meta(
+        self, transport: str, remote_addr: str, headers: Mapping[str, str]
+    ) -> ConnectionMeta | None:
+        """What a transport hands ``new_session`` for the proxy hooks: the
+        transport's name, the client's address and only the headers in
+        ``proxy.forward_headers``; None (nothing kept) when no hook is set."""
+        if self.proxy is None:
+            return None
+        return self.proxy.meta(transport, remote_addr, headers)
+
+    def new_session(
+        self,
+        transport: Transport,
+        codec: Codec = protocol.SQUALL,
+        meta: ConnectionMeta | None = None,
+    ) -> Session:
+        """Accept a connection, or raise ``Unavailable`` when draining or full.
+        ``meta`` (from ``connection_meta``) is what the proxy hooks are told
+        of the connection's HTTP request."""
         if self.draining or not self._running:
             self.metrics.connections_refused += 1
             raise errors.Unavailable("server is shutting down")
         if len(self.sessions) >= self.settings.limits.max_connections:
             self.metrics.connections_refused += 1
             raise errors.Unavailable("connection limit reached")
-        session = Session(self, transport, codec)
+        session = Session(self, transport, codec, meta)
         self.sessions[session.client_id] = session
         self.metrics.connections_accepted += 1
         return session

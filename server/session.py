@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
@@ -52,6 +52,15 @@ from server.codec import (
 from server.errors import Disconnect, SquallError
 from server.models import ClientInfo, StreamPosition
 from server.protocol import SQUALL, connect_json
+from server.proxy import (
+    KEEP,
+    TRY_AGAIN_LATER,
+    ConnectGrant,
+    ConnectionMeta,
+    HookDisconnect,
+    HookError,
+    ProxyUnavailable,
+)
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -66,6 +75,8 @@ SUB_EXPIRY_GRACE = 25.0
 MAX_INFLIGHT_PUBLISHES = 256
 
 log = logging.getLogger("squall.session")
+
+T = TypeVar("T")
 
 # The empty send queue, shared by every session (never appended to).
 _NOTHING: list[bytes] = []
@@ -278,6 +289,7 @@ class Session:
     __slots__ = (
         "_buffering",
         "_deferred",
+        "_hook_expiry",
         "_inflight",
         "_max_bytes",
         "_max_messages",
@@ -295,6 +307,7 @@ class Session:
         "exp",
         "info",
         "limiter",
+        "meta",
         "node",
         "state",
         "subs",
@@ -302,10 +315,21 @@ class Session:
         "user",
     )
 
-    def __init__(self, node: Node, transport: Transport, codec: Codec = SQUALL) -> None:
+    def __init__(
+        self,
+        node: Node,
+        transport: Transport,
+        codec: Codec = SQUALL,
+        meta: ConnectionMeta | None = None,
+    ) -> None:
         self.node = node
         self.transport = transport
         self.codec = codec
+        # The connection's request, as the proxy hooks see it (None: no hooks).
+        self.meta = meta
+        # The expiry came from the connect hook and the refresh hook renews it:
+        # the server calls that hook when the session expires.
+        self._hook_expiry = False
         self.client_id = secrets.token_hex(8)
         self.user = ""
         self.info = ClientInfo(self.client_id, "")
@@ -361,6 +385,10 @@ class Session:
 
     def _on_token_expired(self) -> None:
         if self.state is not State.CONNECTED or not self.exp:
+            return
+        if self._hook_expiry:
+            self._hook_expiry = False  # one call at a time; set again on success
+            self.node.spawn(self._refresh_by_hook())
             return
         # Past the token's expiry by the protocol's grace: a refresh that is
         # on its way at the moment of expiry still lands.
@@ -509,7 +537,11 @@ class Session:
 
     @property
     def _pipelined(self) -> bool:
-        return self.state is State.CONNECTED and self.node.broker.ordered_publish
+        return (
+            self.state is State.CONNECTED
+            and self.node.broker.ordered_publish
+            and not self.node.hooked_publish
+        )
 
     async def _begin_publish(self, command: Command) -> None:
         if self._inflight is not None and len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
@@ -599,6 +631,9 @@ class Session:
                 close = errors.EXPIRED if isinstance(exc, errors.TokenExpired) else None
                 if isinstance(exc, errors.Unauthorized):
                     close = errors.INVALID_TOKEN
+                elif isinstance(exc, ProxyUnavailable):
+                    # The back end's check failed: reconnect later (1013).
+                    close = TRY_AGAIN_LATER
                 if close is not None:
                     self.disconnect(close)
             return
@@ -632,8 +667,14 @@ class Session:
             raise errors.BadRequest("already connected")
         token = params.get("token")
         channels: list[str] = []
+        proxy = self.node.proxy
+        hook = proxy is not None and bool(proxy.connect_url)
+        grant: ConnectGrant | None = None
         if token is None or token == "":
-            if not self.node.channels.any_anonymous:
+            if hook:
+                assert proxy is not None
+                grant = await self._hook(proxy.connect(self, params))
+            elif not self.node.channels.any_anonymous:
                 raise errors.Unauthorized("a token is required")
             self.user = ""
             self.exp = 0.0
@@ -641,10 +682,22 @@ class Session:
             claims = await self.node.auth.verify_connection_token_async(token)
             if self.closed:  # went away while the key set was refetched
                 raise errors.Unauthorized("connection closed")
+            if hook and proxy is not None and proxy.connect_with_token:
+                grant = await self._hook(proxy.connect(self, params, token_user=claims.user))
             self.user = claims.user
             self.exp = claims.exp
             self.info = ClientInfo(self.client_id, claims.user, claims.info)
             channels = claims.channels
+        if grant is not None:
+            # The back end's answer decides: user, info, channels and expiry.
+            if self.closed:
+                raise errors.Unauthorized("connection closed")
+            assert proxy is not None
+            self.user = grant.user
+            self.exp = float(grant.expire_at)
+            self.info = ClientInfo(self.client_id, grant.user, grant.info)
+            channels = grant.channels
+            self._hook_expiry = bool(grant.expire_at and proxy.refresh_url)
         if len(channels) > self.node.settings.limits.max_channels_per_connection:
             raise errors.LimitExceeded("token grants more channels than allowed per connection")
         for name in channels:
@@ -665,9 +718,18 @@ class Session:
             version=self.node.version,
             node=self.node.node_id,
             ping=self.node.settings.limits.ping_interval,
-            expires=bool(self.exp),
-            ttl=_ttl(self.exp) if self.exp else None,
+            # A session the refresh hook renews is not the client's to refresh.
+            expires=bool(self.exp) and not self._hook_expiry,
+            ttl=_ttl(self.exp) if self.exp and not self._hook_expiry else None,
         )
+
+    async def _hook(self, call: Awaitable[T]) -> T:
+        """Await a proxy hook; its ``disconnect`` answer closes the connection."""
+        try:
+            return await call
+        except HookDisconnect as exc:
+            self.disconnect(exc.disconnect)
+            raise
 
     async def _subscribe_token_channels(
         self, params: dict[str, Any] | None = None
@@ -753,7 +815,16 @@ class Session:
         offset = _int_param(params, "offset")
         epoch = _str_param(params, "epoch")
         token_exp = 0.0
-        if not server:
+        proxy = self.node.proxy
+        hook = None if proxy is None or server else proxy.subscribe_urls.get(channel.namespace)
+        if hook is not None and not (ns.private and params.get("token")):
+            # The back end decides instead of allow_anonymous and subscription
+            # tokens (a token, when sent to a private channel, still counts).
+            assert proxy is not None
+            await self._hook(proxy.subscribe(hook, self, name, params.get("data", KEEP)))
+            if self.closed:
+                raise errors.PermissionDenied("connection closed")
+        elif not server:
             if not self.user and not ns.allow_anonymous:
                 raise errors.PermissionDenied("anonymous clients cannot subscribe here")
             if ns.private:
@@ -860,13 +931,25 @@ class Session:
     async def _cmd_publish(self, params: dict[str, Any]) -> PublishResult:
         channel = self.node.channels.resolve(params.get("channel"))
         ns = channel.options
-        if not ns.allow_publish:
-            raise errors.PermissionDenied("clients may not publish in this namespace")
-        if not self.user and not ns.allow_anonymous:
-            raise errors.PermissionDenied("anonymous clients cannot publish here")
+        proxy = self.node.proxy
+        hook = None if proxy is None else proxy.publish_urls.get(channel.namespace)
+        if hook is None:
+            if not ns.allow_publish:
+                raise errors.PermissionDenied("clients may not publish in this namespace")
+            if not self.user and not ns.allow_anonymous:
+                raise errors.PermissionDenied("anonymous clients cannot publish here")
         if ns.private and channel.name not in self.subs:
             raise errors.PermissionDenied("subscribe to a private channel before publishing")
         data = self.node.publication_data(params)
+        if hook is not None:
+            # The back end decides instead of allow_publish and allow_anonymous,
+            # and may replace the data.
+            assert proxy is not None
+            replaced = await self._hook(proxy.publish(hook, self, channel.name, params["data"]))
+            if self.closed:
+                raise errors.PermissionDenied("connection closed")
+            if replaced is not KEEP:
+                data = self.node.publication_data({"data": replaced})
         pub = await self.node.publish(channel, data, info=self.info)
         return PublishResult(pub.offset, pub.epoch)
 
@@ -907,6 +990,17 @@ class Session:
         return PresenceStatsResult(len(members), len({m.user for m in members.values()}))
 
     async def _cmd_refresh(self, params: dict[str, Any]) -> RefreshResult:
+        proxy = self.node.proxy
+        if not params.get("token") and proxy is not None and proxy.refresh_url:
+            # No token: the refresh hook decides (cookie sessions).
+            grant = await self._hook(proxy.refresh(self))
+            if self.closed:
+                raise errors.Unauthorized("connection closed")
+            if grant.expired:
+                raise errors.TokenExpired("the application ended this session")
+            self.exp = float(grant.expire_at)
+            self._set_timer(self.exp - time.time(), self._on_token_expired)
+            return RefreshResult(self.client_id, self.node.version, True, _ttl(self.exp))
         if not self.user and not self.exp:
             raise errors.BadRequest("anonymous connections have no token to refresh")
         claims = await self.node.auth.verify_connection_token_async(params.get("token"))
@@ -915,6 +1009,32 @@ class Session:
         self.exp = claims.exp
         self._set_timer(self.exp - time.time(), self._on_token_expired)
         return RefreshResult(self.client_id, self.node.version, True, _ttl(self.exp))
+
+    async def _refresh_by_hook(self) -> None:
+        """The session's expiry came from the connect hook: ask the refresh
+        hook for a new one, or close (3005 when the back end ends it, 1013
+        to reconnect later when the hook failed)."""
+        proxy = self.node.proxy
+        assert proxy is not None
+        try:
+            grant = await proxy.refresh(self)
+        except HookDisconnect as exc:
+            self.disconnect(exc.disconnect)
+            return
+        except ProxyUnavailable:
+            self.disconnect(TRY_AGAIN_LATER)
+            return
+        except HookError:
+            self.disconnect(errors.EXPIRED)
+            return
+        if self.closed:
+            return
+        if grant.expired:
+            self.disconnect(errors.EXPIRED)
+            return
+        self.exp = float(grant.expire_at)
+        self._hook_expiry = True
+        self._set_timer(self.exp - time.time(), self._on_token_expired)
 
     async def _cmd_sub_refresh(self, params: dict[str, Any]) -> SubRefreshResult:
         """A fresh subscription token for a private channel held now."""

@@ -275,10 +275,14 @@ def _core_params(method: str, request: dict[str, Any]) -> dict[str, Any]:
             params["subs"] = {
                 ch: _recovery(sub) for ch, sub in subs.items() if isinstance(sub, dict)
             }
+        if request.get("data") is not None:
+            params["data"] = request["data"]  # for the connect hook
         return params
     if method == "subscribe":
         params = {"channel": request.get("channel"), "token": _str(request, "token") or None}
         params.update(_recovery(request))
+        if request.get("data") is not None:
+            params["data"] = request["data"]  # for the subscribe hook
         return params
     if method == "history":
         params = {"channel": request.get("channel")}
@@ -608,6 +612,7 @@ def _request_dict(method: str, request: Any) -> dict[str, Any]:
                 ch: {"recover": s.recover, "offset": s.offset, "epoch": s.epoch}
                 for ch, s in request.subs.items()
             },
+            "data": _json_data(request.data) if request.data else None,
         }
     if method == "subscribe":
         return {
@@ -616,6 +621,7 @@ def _request_dict(method: str, request: Any) -> dict[str, Any]:
             "recover": request.recover,
             "offset": request.offset,
             "epoch": request.epoch,
+            "data": _json_data(request.data) if request.data else None,
         }
     if method == "publish":
         return {"channel": request.channel, "data": _json_data(request.data)}
