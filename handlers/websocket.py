@@ -61,13 +61,14 @@ class _FrameCache:
     everyone). Also the codec's ping frame, when it pings in its own
     protocol rather than with WebSocket pings."""
 
-    __slots__ = ("_join", "_opcode", "frame", "items", "ping")
+    __slots__ = ("_join", "_one_each", "_opcode", "frame", "items", "ping")
 
     def __init__(self, codec: Codec) -> None:
         self.items: list[bytes] = []
         self.frame = b""
         self._opcode = wsframe.OP_BINARY if codec.binary else wsframe.OP_TEXT
         self._join = codec.join_frame
+        self._one_each = codec.frame_per_message
         self.ping = None if codec.ping is None else wsframe.build(self._opcode, codec.ping)
 
     def build(self, items: list[bytes]) -> bytes:
@@ -75,8 +76,13 @@ class _FrameCache:
         # fan-out this is a few pointer compares.
         if items == self.items:
             return self.frame
-        payload = self._join(items)
-        self.frame = wsframe.header(self._opcode, len(payload)) + payload
+        opcode = self._opcode
+        if self._one_each and len(items) > 1:
+            # A protocol that reads one message a frame (Pusher): still one write.
+            self.frame = b"".join(wsframe.header(opcode, len(i)) + i for i in items)
+        else:
+            payload = self._join(items)
+            self.frame = wsframe.header(opcode, len(payload)) + payload
         self.items = items
         return self.frame
 
@@ -270,6 +276,9 @@ class WebSocketConnection(asyncio.Protocol):
         except SquallError as exc:
             self._start_close(wsframe.CLOSE_TRY_AGAIN_LATER, exc.message)
             return
+        if self._codec.connect_on_open:
+            # The server speaks first (Pusher): an empty frame is the opening.
+            self._on_message(b"")
         leftover, self._leftover = self._leftover, b""
         if leftover:
             self.data_received(leftover)

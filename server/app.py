@@ -20,6 +20,8 @@ from handlers.pages import (
     LoginHandler,
     LogoutHandler,
 )
+from handlers.pusher_api import routes as pusher_api_routes
+from handlers.pusher_ws import routes as pusher_ws_routes
 from handlers.sse import SSEConnections, SSEHandler
 from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
 from handlers.websocket import WebSocketConnections, WebSocketHandler
@@ -85,6 +87,11 @@ def make_app(node: Node) -> tornado.web.Application:
             (r"/dashboard/logout", LogoutHandler, args),
             (r"/dashboard/data", DashboardDataHandler, args),
             (r"/", IndexHandler, args),
+            # The Pusher Channels HTTP API (/apps/<app_id>/...), when apps
+            # are configured (docs/pusher.md).
+            *pusher_api_routes(node),
+            # ... and its WebSocket endpoint, /app/<key>.
+            *pusher_ws_routes(node, connections),
         ],
         # Signs the dashboard login cookie; a random one (sessions end with
         # the process) when none is configured or generated.

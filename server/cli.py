@@ -248,6 +248,13 @@ def _check_config(settings: Settings) -> int:
         f"config OK: listen {settings.server.host}:{settings.server.port}, "
         f"data {settings.data_path}, namespaces: {names}"
     )
+    for app in settings.pusher.apps:
+        # (Never the secret.)
+        hooks = f", {len(app.webhooks)} webhook(s)" if app.webhooks else ""
+        print(
+            f"pusher app {app.id}: key {app.key}, namespace {app.namespace}, client events "
+            f"{'on' if app.enable_client_messages else 'off'}{hooks}"
+        )
     if settings.auth.jwks_url:
         return _check_jwks(settings)
     return 0

@@ -18,6 +18,7 @@ frame.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +82,9 @@ class SubscribeResult:
     publications: list[Publication] = field(default_factory=list)
     # Seconds until the subscription token expires; None: it does not.
     ttl: int | None = None
+    # The channel's members, for codecs that answer a presence subscription
+    # with them (``Codec.presence_on_subscribe``); None otherwise.
+    presence: dict[str, ClientInfo] | None = None
 
 
 @dataclass(slots=True)
@@ -144,6 +148,38 @@ Result = (
 )
 
 
+@dataclass(slots=True)
+class ChannelGrant:
+    """A codec's own authorization of a subscription or a publish (the
+    Pusher protocol's signatures): the namespace's token rules do not apply.
+    ``info`` is who this connection is on the channel's presence, when not
+    the connection's own identity."""
+
+    info: ClientInfo | None = None
+
+
+class CodecDefaults:
+    """What a codec without connection-level extras says: the client
+    connects itself, gets every publication, and the namespace's rules
+    authorize it. Squall's and the Centrifugo codecs take these."""
+
+    connect_on_open: bool = False
+    skip_publisher: bool = False
+    presence_on_subscribe: bool = False
+    frame_per_message: bool = False
+
+    def client_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def authorize(
+        self, method: str, client_id: str, channel: str, params: dict[str, Any]
+    ) -> ChannelGrant | None:
+        return None
+
+    def publication(self, params: dict[str, Any], publisher: ClientInfo) -> bytes | None:
+        return None
+
+
 class Codec(Protocol):
     """One wire protocol. Stateless: one instance serves every connection."""
 
@@ -166,6 +202,33 @@ class Codec(Protocol):
     # The client's usual answer to it, which the transport takes without
     # waking the session (anything else still goes to ``decode``).
     pong: bytes | None
+    # The server connects the client when the socket opens (the transport
+    # hands the session an empty frame, which ``decode`` makes a connect of).
+    connect_on_open: bool
+    # A publication is not delivered to the client that made it
+    # (``Publication.info.client``).
+    skip_publisher: bool
+    # A subscription to a presence channel is answered with its members
+    # (``SubscribeResult.presence``).
+    presence_on_subscribe: bool
+    # Each message is a WebSocket frame of its own (else ``join_frame``).
+    frame_per_message: bool
+
+    def client_id(self) -> str:
+        """A new connection's id, in the form the protocol's clients expect."""
+        ...
+
+    def authorize(
+        self, method: str, client_id: str, channel: str, params: dict[str, Any]
+    ) -> ChannelGrant | None:
+        """The codec's own verdict on a ``subscribe`` or ``publish`` command
+        (raises ``SquallError`` to refuse), or None: the namespace decides."""
+        ...
+
+    def publication(self, params: dict[str, Any], publisher: ClientInfo) -> bytes | None:
+        """The publication data of a ``publish`` command, when the codec makes
+        it (None: ``params["data"]`` as JSON)."""
+        ...
 
     def decode(self, frame: bytes) -> list[Command | InvalidCommand]:
         """Split a frame into commands (a pong is no command). Raises

@@ -188,6 +188,39 @@ class ProxySettings:
 
 
 @dataclass(slots=True)
+class PusherWebhook:
+    url: str = ""
+    # Which events go to this URL (channel_occupied, channel_vacated,
+    # member_added, member_removed, client_event); empty: all of them.
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PusherApp:
+    """One application of the Pusher Channels protocol (docs/pusher.md)."""
+
+    id: str = ""
+    key: str = ""
+    secret: str = field(default="", repr=False)
+    # The Squall namespace its channels live in; empty: "pusher-<id>", made
+    # with presence and join/leave on.
+    namespace: str = ""
+    # Client events (client-*) on private and presence channels.
+    enable_client_messages: bool = False
+    # Connections of this app per process; 0: only limits.max_connections.
+    max_connections: int = 0
+    webhooks: list[PusherWebhook] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PusherSettings:
+    apps: list[PusherApp] = field(default_factory=list)
+    # Seconds of silence after which a Pusher client pings (told to it in
+    # pusher:connection_established).
+    activity_timeout: int = 120
+
+
+@dataclass(slots=True)
 class NamespaceOptions:
     history_size: int = 100
     history_ttl: float = 600.0
@@ -226,6 +259,7 @@ class Settings:
     search: SearchSettings = field(default_factory=SearchSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    pusher: PusherSettings = field(default_factory=PusherSettings)
     namespaces: dict[str, NamespaceOptions] = field(
         default_factory=lambda: {"default": NamespaceOptions()}
     )
@@ -378,6 +412,97 @@ def _apply_namespaces(settings: Settings, tables: Any) -> None:
         settings.namespaces[name] = ns
 
 
+PUSHER_EVENTS = frozenset(
+    {"channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event"}
+)
+
+
+def _apply_pusher(settings: Settings, values: Any) -> None:
+    """``[pusher]`` with ``[[pusher.apps]]`` tables, each with
+    ``[[pusher.apps.webhooks]]``."""
+    if not isinstance(values, dict):
+        raise ConfigError("pusher", "expected a table")
+    values = dict(values)
+    apps = values.pop("apps", [])
+    _apply_section("pusher", settings.pusher, values, from_text=False)
+    if not isinstance(apps, list):
+        raise ConfigError("pusher.apps", "expected [[pusher.apps]] tables")
+    for i, table in enumerate(apps):
+        key = f"pusher.apps[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(key, "expected a table")
+        table = dict(table)
+        hooks = table.pop("webhooks", [])
+        app = PusherApp()
+        _apply_section(key, app, table, from_text=False)
+        if not isinstance(hooks, list):
+            raise ConfigError(f"{key}.webhooks", "expected [[pusher.apps.webhooks]] tables")
+        for j, hook_table in enumerate(hooks):
+            hook_key = f"{key}.webhooks[{j}]"
+            if not isinstance(hook_table, dict):
+                raise ConfigError(hook_key, "expected a table")
+            hook = PusherWebhook()
+            _apply_section(hook_key, hook, hook_table, from_text=False)
+            app.webhooks.append(hook)
+        settings.pusher.apps.append(app)
+
+
+def _validate_pusher(settings: Settings) -> None:
+    """Each app: an id, a key and a secret, all distinct between apps; its
+    namespace, made with presence on when the configuration has none."""
+    from server.channels import NAMESPACE_RE  # a cycle at import time otherwise
+
+    pusher = settings.pusher
+    if pusher.activity_timeout < 1:
+        raise ConfigError("pusher.activity_timeout", "must be at least 1 second")
+    ids: set[str] = set()
+    keys: set[str] = set()
+    for i, app in enumerate(pusher.apps):
+        key = f"pusher.apps[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", app.id):
+            raise ConfigError(f"{key}.id", "1-64 of A-Z a-z 0-9 _ -")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", app.key):
+            raise ConfigError(f"{key}.key", "1-64 of A-Z a-z 0-9 _ -")
+        if len(app.secret) < 16:
+            raise ConfigError(f"{key}.secret", "must be at least 16 characters")
+        if app.id in ids:
+            raise ConfigError(f"{key}.id", f"app id {app.id!r} is used twice")
+        if app.key in keys:
+            raise ConfigError(f"{key}.key", "the same key is used by two apps")
+        ids.add(app.id)
+        keys.add(app.key)
+        if app.max_connections < 0:
+            raise ConfigError(f"{key}.max_connections", "must be >= 0")
+        if not app.namespace:
+            app.namespace = f"pusher-{app.id}"
+        if not NAMESPACE_RE.fullmatch(app.namespace):
+            raise ConfigError(f"{key}.namespace", "1-64 of a-z, A-Z, 0-9, '_', '-', '.'")
+        # Squall's own clients need subscription tokens on it (Pusher clients
+        # are authorized by the app's signatures): private by default.
+        settings.namespaces.setdefault(
+            app.namespace,
+            NamespaceOptions(presence=True, join_leave=True, private=True, allow_publish=False),
+        )
+        if not settings.namespaces[app.namespace].presence:
+            raise ConfigError(
+                f"namespaces.{app.namespace}.presence", "a Pusher app's namespace needs presence"
+            )
+        for j, hook in enumerate(app.webhooks):
+            hook_key = f"{key}.webhooks[{j}]"
+            parts = urlsplit(hook.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{hook_key}.url", "expected an http:// or https:// URL")
+            unknown = set(hook.events) - PUSHER_EVENTS
+            if unknown:
+                raise ConfigError(
+                    f"{hook_key}.events",
+                    f"unknown events {sorted(unknown)} (known: {sorted(PUSHER_EVENTS)})",
+                )
+    namespaces = [app.namespace for app in pusher.apps]
+    if len(set(namespaces)) != len(namespaces):
+        raise ConfigError("pusher.apps", "two apps share a namespace")
+
+
 def _set_dotted(settings: Settings, dotted: str, text: str) -> None:
     section, _, name = dotted.partition(".")
     _apply_section(section, getattr(settings, section), {name: text}, from_text=True)
@@ -401,6 +526,7 @@ def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
 
 
 def _validate(settings: Settings) -> None:
+    _validate_pusher(settings)
     for dotted, choices in _CHOICES.items():
         section, _, name = dotted.partition(".")
         value = getattr(getattr(settings, section), name)
@@ -591,12 +717,14 @@ def load_settings(
     for section, values in (raw or {}).items():
         if section == "namespaces":
             _apply_namespaces(settings, values)
+        elif section == "pusher":
+            _apply_pusher(settings, values)
         elif section in SECTIONS:
             if not isinstance(values, dict):
                 raise ConfigError(section, "expected a table")
             _apply_section(section, getattr(settings, section), values, from_text=False)
         else:
-            known = ", ".join([*sorted(SECTIONS), "namespaces"])
+            known = ", ".join([*sorted(SECTIONS), "namespaces", "pusher"])
             raise ConfigError(section, f"unknown section (known: {known})")
     _apply_env(settings, os.environ if env is None else env)
     for dotted, value in (overrides or {}).items():

@@ -62,7 +62,17 @@ class Hub:
         count = 0
         fan_out = self._flusher.fan_out
         for codec, subs in groups.items():
-            fan_out(subs, pub.channel, pub.offset, codec.pub(pub))
+            if codec.skip_publisher and pub.info is not None:
+                # (Pusher: a client event is not echoed to its sender.)
+                publisher = pub.info.client
+                fan_out(
+                    [s for s in subs if s.client_id != publisher],
+                    pub.channel,
+                    pub.offset,
+                    codec.pub(pub),
+                )
+            else:
+                fan_out(subs, pub.channel, pub.offset, codec.pub(pub))
             count += len(subs)
         return count
 
@@ -71,6 +81,8 @@ class Hub:
         where its protocol says so (``Codec.join_self``)."""
         for codec, subs in self._channels.get(channel, {}).items():
             message = codec.join(channel, info)
+            if not message:
+                continue  # the protocol says nothing of it on this channel
             skip = "" if codec.join_self else info.client
             for session in subs:
                 if session.client_id != skip:
@@ -79,6 +91,8 @@ class Hub:
     def broadcast_leave(self, channel: str, info: ClientInfo) -> None:
         for codec, subs in self._channels.get(channel, {}).items():
             message = codec.leave(channel, info)
+            if not message:
+                continue
             for session in subs:
                 if session.client_id != info.client:
                     session.send(message)

@@ -277,7 +277,7 @@ class Node:
         for name, channel in subs.items():
             self.drop_subscription(session, name)
             if channel.options.presence:
-                self.spawn(self.leave(channel, session.info))
+                self.spawn(self.leave(channel, session.presence_info(channel.name)))
 
     # ---- subscriptions --------------------------------------------------
 
@@ -291,7 +291,7 @@ class Node:
     async def unsubscribe_session(self, session: Session, channel: Channel) -> None:
         self.drop_subscription(session, channel.name)
         if channel.options.presence:
-            await self.leave(channel, session.info)
+            await self.leave(channel, session.presence_info(channel.name))
 
     def drop_subscription(self, session: Session, name: str) -> None:
         if self.hub.remove(name, session):

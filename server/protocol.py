@@ -19,6 +19,7 @@ import orjson
 
 from server.codec import (
     EMPTY,
+    CodecDefaults,
     Command,
     ConnectResult,
     Empty,
@@ -182,7 +183,7 @@ def result_json(result: Result) -> Any:
     raise TypeError(f"no JSON form for {type(result).__name__}")
 
 
-class SquallCodec:
+class SquallCodec(CodecDefaults):
     """Squall's own JSON protocol (``docs/protocol.md``)."""
 
     name: str = "squall"

@@ -20,7 +20,6 @@ import asyncio
 import collections
 import functools
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
@@ -288,6 +287,7 @@ class _Joining:
 class Session:
     __slots__ = (
         "_buffering",
+        "_channel_info",
         "_deferred",
         "_hook_expiry",
         "_inflight",
@@ -330,12 +330,15 @@ class Session:
         # The expiry came from the connect hook and the refresh hook renews it:
         # the server calls that hook when the session expires.
         self._hook_expiry = False
-        self.client_id = secrets.token_hex(8)
+        self.client_id = codec.client_id()
         self.user = ""
         self.info = ClientInfo(self.client_id, "")
         self.state = State.CONNECTING
         self.exp = 0.0
         self.subs: dict[str, Channel] = {}
+        # Who this connection is on a channel's presence where a codec said
+        # so (Pusher's channel_data); elsewhere ``info``.
+        self._channel_info: dict[str, ClientInfo] | None = None
         self.created = time.monotonic()
         limits = node.settings.limits
         self.limiter = _RateLimiter(limits.commands_per_second, limits.command_burst)
@@ -581,7 +584,7 @@ class Session:
     def _send_or_close(self, reply: bytes | Disconnect) -> None:
         if isinstance(reply, Disconnect):
             self.disconnect(reply)
-        else:
+        elif reply:  # (a protocol may answer nothing)
             self.send(reply)
 
     def _send_answered(self, _task: object = None) -> None:
@@ -644,7 +647,9 @@ class Session:
             self._send_or_close(self.codec.error(command, errors.InternalError()))
             return
         if not self.closed:
-            self.send(self.codec.reply(command, result))
+            reply = self.codec.reply(command, result)
+            if reply:  # (a protocol may answer nothing)
+                self.send(reply)
             deferred, self._deferred = self._deferred, None
             if method == "connect":
                 if deferred is not None:
@@ -674,7 +679,9 @@ class Session:
             if hook:
                 assert proxy is not None
                 grant = await self._hook(proxy.connect(self, params))
-            elif not self.node.channels.any_anonymous:
+            elif not self.node.channels.any_anonymous and not self.codec.connect_on_open:
+                # (A protocol whose server connects its clients on open
+                # authorizes each channel itself: Pusher's signatures.)
                 raise errors.Unauthorized("a token is required")
             self.user = ""
             self.exp = 0.0
@@ -817,7 +824,14 @@ class Session:
         token_exp = 0.0
         proxy = self.node.proxy
         hook = None if proxy is None or server else proxy.subscribe_urls.get(channel.namespace)
-        if hook is not None and not (ns.private and params.get("token")):
+        grant = None if server else self.codec.authorize("subscribe", self.client_id, name, params)
+        if grant is not None:
+            # The protocol authorized it by its own rules (Pusher's signatures).
+            if grant.info is not None:
+                if self._channel_info is None:
+                    self._channel_info = {}
+                self._channel_info[name] = grant.info
+        elif hook is not None and not (ns.private and params.get("token")):
             # The back end decides instead of allow_anonymous and subscription
             # tokens (a token, when sent to a private channel, still counts).
             assert proxy is not None
@@ -870,6 +884,8 @@ class Session:
         except BaseException:
             self._stop_buffering(name)
             self.subs.pop(name, None)
+            if self._channel_info is not None:
+                self._channel_info.pop(name, None)
             self.node.drop_subscription(self, name)
             raise
         if self.closed:
@@ -883,9 +899,25 @@ class Session:
         else:
             asyncio.get_running_loop().call_soon(release)
         if ns.presence:
-            # After the reply, so the client sees its subscription first.
-            self.node.spawn(self.node.join(channel, self.info))
+            if self.codec.presence_on_subscribe:
+                # The reply lists the members, this connection among them.
+                await self.node.join(channel, self.presence_info(name))
+                try:
+                    result.presence = await self.node.broker.presence(name)
+                except BrokerUnavailable:
+                    result.presence = {self.client_id: self.presence_info(name)}
+            else:
+                # After the reply, so the client sees its subscription first.
+                self.node.spawn(self.node.join(channel, self.presence_info(name)))
         return result
+
+    def presence_info(self, name: str) -> ClientInfo:
+        """Who this connection is on channel ``name``'s presence."""
+        if self._channel_info is not None:
+            info = self._channel_info.get(name)
+            if info is not None:
+                return info
+        return self.info
 
     def _stop_buffering(self, name: str) -> None:
         if self._buffering is not None:
@@ -927,10 +959,27 @@ class Session:
         if channel is None:
             return
         await self.node.unsubscribe_session(self, channel)
+        if self._channel_info is not None:
+            self._channel_info.pop(name, None)
 
     async def _cmd_publish(self, params: dict[str, Any]) -> PublishResult:
         channel = self.node.channels.resolve(params.get("channel"))
         ns = channel.options
+        grant = self.codec.authorize("publish", self.client_id, channel.name, params)
+        if grant is not None:
+            # A protocol's own kind of publication (a Pusher client event):
+            # its rules, from a subscriber of the channel.
+            if channel.name not in self.subs:
+                raise errors.PermissionDenied("subscribe to the channel before sending to it")
+            info = self.presence_info(channel.name)
+            made = self.codec.publication(params, info)
+            if made is None:
+                raise errors.BadRequest("nothing to publish")
+            limit = self.node.settings.limits.max_publication_bytes
+            if len(made) > limit:
+                raise errors.MessageTooLarge(f"data is {len(made)} bytes; the limit is {limit}")
+            pub = await self.node.publish(channel, made, info=info)
+            return PublishResult(pub.offset, pub.epoch)
         proxy = self.node.proxy
         hook = None if proxy is None else proxy.publish_urls.get(channel.namespace)
         if hook is None:

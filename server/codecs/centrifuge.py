@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from server import errors
 from server.codec import (
+    CodecDefaults,
     Command,
     ConnectResult,
     Empty,
@@ -122,7 +123,7 @@ def _field(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _uvarint(len(payload)) + payload
 
 
-class _Centrifuge:
+class _Centrifuge(CodecDefaults):
     """What the JSON and Protobuf forms share: methods, errors, closes."""
 
     name = "centrifuge"

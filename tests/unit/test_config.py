@@ -160,3 +160,48 @@ def test_token_command_uses_the_generated_secret(
         sub_token, user="ann", client="any", channel="dm:1"
     )
     assert exp > 0
+
+
+PUSHER_APP = '[[pusher.apps]]\nid = "1234"\nkey = "app-key"\nsecret = "app-secret-0123456789"\n'
+
+
+def test_pusher_apps_get_a_namespace_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("SQUALL_")]:
+        monkeypatch.delenv(var)
+    text = (
+        PUSHER_APP
+        + 'enable_client_messages = true\n[[pusher.apps.webhooks]]\nurl = "http://127.0.0.1:9/h"\n'
+    )
+    s = load_settings(write(tmp_path, text), env={})
+    (app,) = s.pusher.apps
+    assert app.namespace == "pusher-1234" and app.enable_client_messages
+    assert app.webhooks[0].url == "http://127.0.0.1:9/h"
+    ns = s.namespaces["pusher-1234"]
+    assert ns.presence and ns.join_leave and ns.private
+    assert "app-secret" not in repr(app)
+    assert main(["check-config", "--config", str(tmp_path / "squall.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "pusher app 1234: key app-key" in out and "app-secret" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[[pusher.apps]]\nid = "1"\nkey = "k"\nsecret = "short"\n', "pusher.apps[0].secret"),
+        ('[[pusher.apps]]\nkey = "k"\nsecret = "0123456789abcdef"\n', "pusher.apps[0].id"),
+        (PUSHER_APP + PUSHER_APP, "pusher.apps[1].id"),
+        (PUSHER_APP + "bogus = 1\n", "pusher.apps[0].bogus"),
+        (
+            PUSHER_APP + '[[pusher.apps.webhooks]]\nurl = "http://h/x"\nevents = ["nope"]\n',
+            "pusher.apps[0].webhooks[0].events",
+        ),
+        (PUSHER_APP + '[[pusher.apps.webhooks]]\nurl = "ftp://h/x"\n', "url"),
+        (PUSHER_APP + "[namespaces.pusher-1234]\npresence = false\n", "presence"),
+    ],
+)
+def test_bad_pusher_apps_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={})
+    assert key in str(info.value)
