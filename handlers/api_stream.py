@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import socket
 from typing import Any, cast
 
 import orjson
@@ -36,6 +34,7 @@ import tornado.iostream
 import tornado.web
 
 from handlers.api import ApiMethods, CommandPipeline, Reply, presented_api_key
+from handlers.detached import Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import InvalidCommand, ProtocolViolation
 from server.errors import BAD_REQUEST, SHUTDOWN, SLOW
@@ -55,10 +54,11 @@ CLOSE_TIMEOUT = 5.0
 _FRAME_TARGET = 64 * 1024
 
 
-class ApiStreams:
-    """This process's API stream connections."""
+class ApiStreams(Registry["ApiStreamConnection"]):
+    """This process's API stream connections (no pings: back ends)."""
 
     def __init__(self, node: Node) -> None:
+        super().__init__()
         self.node = node
         self.api = ApiMethods(node)
         limits = node.settings.limits
@@ -66,55 +66,22 @@ class ApiStreams:
         self.max_commands = limits.max_batch_commands
         self.max_unread = limits.send_queue_bytes
         self.stall_timeout = STALL_TIMEOUT
-        self.conns: dict[ApiStreamConnection, None] = {}
-        self._empty = asyncio.Event()
-        node.add_closer(self.close_all)
-
-    def add(self, conn: ApiStreamConnection) -> None:
-        self.conns[conn] = None
-
-    def discard(self, conn: ApiStreamConnection) -> None:
-        self.conns.pop(conn, None)
-        if not self.conns:
-            self._empty.set()
+        node.add_closer(self.shutdown)
 
     async def adopt(self, stream: tornado.iostream.IOStream) -> None:
         """Take the socket of an upgraded request from Tornado."""
-        try:
-            await stream.write(b"")  # resolves once the 101 reply is with the kernel
-        except tornado.iostream.StreamClosedError:
-            return
-        leftover = bytes(stream._read_buffer)
-        sock = stream.socket
-        stream.io_loop.remove_handler(sock)
-        fd = sock.detach()
-        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        conn = ApiStreamConnection(self, leftover)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, raw)
-        except OSError:
-            raw.close()
+        await hand_over(
+            stream, lambda leftover: ApiStreamConnection(self, leftover), after_reply=True
+        )
 
-    async def close_all(self, grace: float = 1.0) -> None:
+    async def shutdown(self, grace: float = 1.0) -> None:
         """Close every connection (3001 shutdown), wait up to ``grace`` for
         the peers, then cut; then wait for the commands still running."""
         conns = list(self.conns)
-        for conn in conns:
-            conn.close(SHUTDOWN.code, SHUTDOWN.reason)
-        if not await self._all_closed(grace):
-            for conn in list(self.conns):
-                conn.abort()
-            await self._all_closed(grace)
+        await self.close_all(lambda conn: conn.close(SHUTDOWN.code, SHUTDOWN.reason), grace)
         pending = [task for conn in conns for task in conn.tasks()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
-
-    async def _all_closed(self, timeout: float) -> bool:
-        if self.conns:
-            self._empty.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._empty.wait(), timeout)
-        return not self.conns
 
 
 class ApiStreamConnection(asyncio.Protocol):
@@ -349,7 +316,7 @@ class ApiStreamConnection(asyncio.Protocol):
         self._transport.write(wsframe.build(wsframe.OP_TEXT, payload))
 
 
-class ApiStreamHandler(tornado.web.RequestHandler):
+class ApiStreamHandler(UpgradeHandler):
     """The upgrade: the API key, then the checks of RFC 6455, section 4.2.
     No Origin check: a browser cannot send an ``Authorization`` header on a
     WebSocket, so the key already keeps pages out."""
@@ -361,40 +328,17 @@ class ApiStreamHandler(tornado.web.RequestHandler):
         self.node = node
         self.streams = streams
 
-    def _refuse(self, status: int, code: int, message: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
-
-    def _accept_key(self) -> str:
-        headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
-            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Upgrade: websocket'")
-        tokens = [t.strip().lower() for t in headers.get("Connection", "").split(",")]
-        if "upgrade" not in tokens:
-            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
-        if headers.get("Sec-WebSocket-Version") != "13":
-            self.set_header("Sec-WebSocket-Version", "13")
-            raise wsframe.HandshakeError(426, "Sec-WebSocket-Version must be 13")
-        return wsframe.accept_key(headers.get("Sec-WebSocket-Key", ""))
-
     async def get(self) -> None:
         if not self.node.auth.check_api_key(presented_api_key(self.request)):
-            self._refuse(401, 101, "missing or wrong API key")
+            self.refuse(401, 101, "missing or wrong API key")
             return
         try:
-            accept = self._accept_key()
+            accept = self.accept_key()
         except wsframe.HandshakeError as exc:
-            self._refuse(exc.status, 107, exc.reason)
+            self.refuse(exc.status, 107, exc.reason)
             return
         if self.node.draining:
-            self._refuse(503, 114, "service unavailable: shutting down")
+            self.refuse(503, 114, "service unavailable: shutting down")
             return
-        self.clear_header("Content-Type")
-        self.set_status(101)
-        self.set_header("Upgrade", "websocket")
-        self.set_header("Connection", "Upgrade")
-        self.set_header("Sec-WebSocket-Accept", accept)
-        self.finish()
+        self.switch(accept)
         await self.streams.adopt(self.detach())

@@ -22,10 +22,7 @@ to such a stream is a dictionary lookup and one ``transport.write``.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
-import socket
 import sys
 import time
 import weakref
@@ -35,10 +32,10 @@ from typing import cast
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-import tornado.iostream
 from tornado.httputil import format_timestamp
 
 from handlers.base import JSONHandler
+from handlers.detached import Registry, hand_over
 from handlers.websocket import origin_allowed
 from server import errors, protocol
 from server.errors import SHUTDOWN, Disconnect, SquallError
@@ -131,12 +128,13 @@ class _Positions:
         return found
 
 
-class SSEConnections:
+class SSEConnections(Registry["SSEConnection"]):
     """This process's SSE streams: one timer writes their keepalive comments
     (``ping_interval`` after each one came and after each ping), the interned
     positions, and the chunks built for the list of messages being written."""
 
     def __init__(self, node: Node) -> None:
+        super().__init__(node.settings.limits.ping_interval)
         self.node = node
         self.positions: weakref.WeakValueDictionary[_Entries, _Positions] = (
             weakref.WeakValueDictionary()
@@ -147,13 +145,7 @@ class SSEConnections:
         # started from.
         self._items: list[bytes] | None = None
         self._chunks: dict[_Positions, tuple[bytes, bytes, _Positions]] = {}
-        self._conns: dict[SSEConnection, None] = {}
-        self._empty = asyncio.Event()
-        self.ping_interval = node.settings.limits.ping_interval
-        self._tick = min(1.0, self.ping_interval / 4)
-        self._due: collections.deque[tuple[float, SSEConnection]] = collections.deque()
-        self._timer: asyncio.TimerHandle | None = None
-        node.add_closer(self.close_all)
+        node.add_closer(self.shutdown)
 
     def intern(self, entries: _Entries) -> _Positions:
         found = self.positions.get(entries)
@@ -186,53 +178,13 @@ class SSEConnections:
         built = self._chunks[start] = (_chunk(body), body, positions)
         return built
 
-    def add(self, conn: SSEConnection) -> None:
-        self._conns[conn] = None
-        if self.ping_interval:
-            loop = asyncio.get_running_loop()
-            self._due.append((loop.time() + self.ping_interval, conn))
-            if self._timer is None:
-                self._timer = loop.call_later(self._tick, self._ping_round)
+    def ping(self, conn: SSEConnection) -> None:
+        conn.ping()
 
-    def discard(self, conn: SSEConnection) -> None:
-        self._conns.pop(conn, None)
-        if not self._conns:
-            self._empty.set()
-
-    def _ping_round(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        due = self._due
-        conns = self._conns
-        next_ping = now + self.ping_interval
-        while due and due[0][0] <= now:
-            conn = due.popleft()[1]
-            if conn in conns:
-                conn.ping()
-                due.append((next_ping, conn))
-        if due:
-            self._timer = loop.call_later(self._tick, self._ping_round)
-
-    async def close_all(self, grace: float = 1.0) -> None:
+    async def shutdown(self, grace: float = 1.0) -> None:
         """End every stream (sessions already wrote their disconnect event),
         give the peers ``grace`` seconds to take the last bytes, then cut."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for conn in list(self._conns):
-            conn.close(SHUTDOWN)
-        if not await self._all_closed(grace):
-            for conn in list(self._conns):
-                conn.abort()
-            await self._all_closed(grace)
-
-    async def _all_closed(self, timeout: float) -> bool:
-        if self._conns:
-            self._empty.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._empty.wait(), timeout)
-        return not self._conns
+        await self.close_all(lambda conn: conn.close(SHUTDOWN), grace)
 
 
 class SSEConnection(asyncio.Protocol):
@@ -458,20 +410,6 @@ class SSEConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.transport_closed()
 
-    async def adopt(self, stream: tornado.iostream.IOStream) -> None:
-        """Take the request's socket from Tornado."""
-        sock = stream.socket
-        if stream.closed() or sock is None:
-            return
-        stream.io_loop.remove_handler(sock)
-        fd = sock.detach()
-        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(lambda: self, raw)
-        except OSError:
-            raw.close()
-
 
 class SSEHandler(JSONHandler):
     connections: SSEConnections
@@ -516,7 +454,7 @@ class SSEHandler(JSONHandler):
         # request and Tornado's connection would wait for the cyclic garbage
         # collector, which runs rarely here (server.cli.tune_gc).
         self.ui = None  # type: ignore[assignment]
-        await stream.adopt(detached)
+        await hand_over(detached, lambda _leftover: stream, after_reply=False)
 
     def _token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")

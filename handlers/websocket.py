@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import socket
 from collections.abc import Awaitable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -22,6 +20,7 @@ from urllib.parse import urlsplit
 import tornado.iostream
 import tornado.web
 
+from handlers.detached import Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import Codec
 from server.errors import NO_PONG, SHUTDOWN, Disconnect, SquallError
@@ -87,29 +86,19 @@ class _FrameCache:
         return self.frame
 
 
-class WebSocketConnections:
+class WebSocketConnections(Registry["WebSocketConnection"]):
     """This process's upgraded connections. One timer pings them all (no
     timer per connection); a peer that has not answered by ``ping_timeout``
     is dropped."""
 
     def __init__(self, node: Node) -> None:
-        self.node = node
         limits = node.settings.limits
+        super().__init__(limits.ping_interval, limits.ping_timeout)
+        self.node = node
         self.max_message = limits.max_frame_bytes
-        self.ping_interval = limits.ping_interval
-        self.ping_timeout = limits.ping_timeout
         self._frames: dict[Codec, _FrameCache] = {}
-        self._conns: dict[WebSocketConnection, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._empty = asyncio.Event()
-        # Each connection is pinged ``ping_interval`` after it came and after
-        # each ping since (as a client library expects), by one timer that
-        # ticks a few times per interval: (when, connection), oldest first.
-        self._tick = min(1.0, self.ping_interval / 4)
-        self._due: collections.deque[tuple[float, WebSocketConnection]] = collections.deque()
-        self._checks: collections.deque[tuple[float, WebSocketConnection]] = collections.deque()
         self._ping = wsframe.build(wsframe.OP_PING, b"")
-        node.add_closer(self.close_all)
+        node.add_closer(self.shutdown)
 
     def frames(self, codec: Codec) -> _FrameCache:
         """The frame cache of ``codec``: one per codec in use."""
@@ -118,64 +107,16 @@ class WebSocketConnections:
             cache = self._frames[codec] = _FrameCache(codec)
         return cache
 
-    def add(self, conn: WebSocketConnection) -> None:
-        self._conns[conn] = None
-        if self.ping_interval:
-            loop = asyncio.get_running_loop()
-            self._due.append((loop.time() + self.ping_interval, conn))
-            if self._timer is None:
-                self._timer = loop.call_later(self._tick, self._ping_round)
+    def ping(self, conn: WebSocketConnection) -> None:
+        conn.ping(self._ping)
 
-    def discard(self, conn: WebSocketConnection) -> None:
-        self._conns.pop(conn, None)
-        if not self._conns:
-            self._empty.set()
+    def check(self, conn: WebSocketConnection) -> None:
+        conn.check_alive()
 
-    async def close_all(self, grace: float = 1.0) -> None:
+    async def shutdown(self, grace: float = 1.0) -> None:
         """Close every connection: a close frame (sessions already sent
         theirs), up to ``grace`` seconds for the peers to answer, then cut."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for conn in list(self._conns):
-            conn.close(SHUTDOWN)
-        if not await self._all_closed(grace):
-            for conn in list(self._conns):
-                conn.abort()
-            await self._all_closed(grace)  # connection_lost comes on a later iteration
-
-    async def _all_closed(self, timeout: float) -> bool:
-        if self._conns:
-            self._empty.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._empty.wait(), timeout)
-        return not self._conns
-
-    def _ping_round(self) -> None:
-        """Ping the connections that are due, and drop those that have not
-        answered theirs within ``ping_timeout``."""
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        conns = self._conns
-        checks = self._checks
-        while checks and checks[0][0] <= now:
-            conn = checks.popleft()[1]
-            if conn in conns:
-                conn.check_alive()
-        due = self._due
-        next_ping = now + self.ping_interval
-        while due and due[0][0] <= now:
-            conn = due.popleft()[1]
-            if conn not in conns:
-                continue  # gone since
-            conn.ping(self._ping)
-            due.append((next_ping, conn))
-            if self.ping_timeout:
-                checks.append((now + self.ping_timeout, conn))
-        if due or checks:
-            self._timer = loop.call_later(self._tick, self._ping_round)
-        # else: the next connection starts the timer again
+        await self.close_all(lambda conn: conn.close(SHUTDOWN), grace)
 
     async def adopt(
         self,
@@ -185,23 +126,11 @@ class WebSocketConnections:
     ) -> None:
         """Take the socket of an upgraded request from Tornado; the
         connection speaks ``codec``. ``meta`` is for the proxy hooks."""
-        try:
-            await stream.write(b"")  # resolves once the 101 reply is with the kernel
-        except tornado.iostream.StreamClosedError:
-            return
-        # Bytes read past the handshake (a client may not send any before the
-        # 101, but some do) go to the new protocol first.
-        leftover = bytes(stream._read_buffer)
-        sock = stream.socket
-        stream.io_loop.remove_handler(sock)
-        fd = sock.detach()
-        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        conn = WebSocketConnection(self, leftover, codec, meta)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(lambda: conn, raw)
-        except OSError:
-            raw.close()
+        await hand_over(
+            stream,
+            lambda leftover: WebSocketConnection(self, leftover, codec, meta),
+            after_reply=True,
+        )
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -460,7 +389,7 @@ class WebSocketConnection(asyncio.Protocol):
             self.session.transport_closed()
 
 
-class WebSocketHandler(tornado.web.RequestHandler):
+class WebSocketHandler(UpgradeHandler):
     """The upgrade: the checks and answers of RFC 6455, section 4.2, then
     the socket goes to ``WebSocketConnections``."""
 
@@ -491,34 +420,15 @@ class WebSocketHandler(tornado.web.RequestHandler):
                 return codec, name
         return self.codec, None
 
-    def _refuse(self, status: int, code: int, message: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish({"error": {"code": code, "message": message}})
-
-    def _accept_key(self) -> str:
-        headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
-            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Upgrade: websocket'")
-        tokens = [t.strip().lower() for t in headers.get("Connection", "").split(",")]
-        if "upgrade" not in tokens:
-            raise wsframe.HandshakeError(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
-        origin = headers.get("Origin")
-        if origin is not None and not origin_allowed(
-            origin, headers.get("Host"), self.node.settings.server.allowed_origins
-        ):
-            raise wsframe.HandshakeError(403, "origin not allowed")
-        if headers.get("Sec-WebSocket-Version") != "13":
-            self.set_header("Sec-WebSocket-Version", "13")
-            raise wsframe.HandshakeError(426, "Sec-WebSocket-Version must be 13")
-        return wsframe.accept_key(headers.get("Sec-WebSocket-Key", ""))
+    def _origin_ok(self, origin: str) -> bool:
+        allowed = self.node.settings.server.allowed_origins
+        return origin_allowed(origin, self.request.headers.get("Host"), allowed)
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
-            accept = self._accept_key()
+            accept = self.accept_key(self._origin_ok)
         except wsframe.HandshakeError as exc:
-            self._refuse(exc.status, 107, exc.reason)
+            self.refuse(exc.status, 107, exc.reason)
             return
         if (
             self.node.draining
@@ -526,17 +436,10 @@ class WebSocketHandler(tornado.web.RequestHandler):
         ):
             self.node.metrics.connections_refused += 1
             reason = "shutting down" if self.node.draining else "connection limit reached"
-            self._refuse(503, 114, f"service unavailable: {reason}")
+            self.refuse(503, 114, f"service unavailable: {reason}")
             return
-        self.clear_header("Content-Type")
-        self.set_status(101)
-        self.set_header("Upgrade", "websocket")
-        self.set_header("Connection", "Upgrade")
-        self.set_header("Sec-WebSocket-Accept", accept)
         codec, subprotocol = self._pick_codec()
-        if subprotocol is not None:
-            self.set_header("Sec-WebSocket-Protocol", subprotocol)
-        self.finish()
+        self.switch(accept, {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None)
         # Only the headers the proxy hooks forward (nothing without hooks).
         meta = self.node.connection_meta(
             "websocket", self.request.remote_ip or "", self.request.headers

@@ -431,7 +431,7 @@ async def test_server_shutdown_closes_streams(
     stream = await server.api().connect_stream()
     streams.append(stream)
     assert (await stream.publish("news", 1))["offset"] == 1
-    await streams_of(server).close_all()
+    await streams_of(server).shutdown()
     await wait_for(lambda: stream.close_code is not None, message="the close")
     assert stream.close_code == 3001
     with pytest.raises(ConnectionClosed):
