@@ -42,6 +42,7 @@ from server.errors import SHUTDOWN, Disconnect, SquallError
 from server.models import StreamPosition
 from server.node import Node
 from server.protocol import SSE, StreamEvent
+from server.proxy import ConnectionMeta
 from server.session import Session
 
 log = logging.getLogger("squall.sse")
@@ -202,6 +203,7 @@ class SSEConnection(asyncio.Protocol):
         "_closing",
         "_drain",
         "_early",
+        "_meta",
         "_registry",
         "_requests",
         "_session_gone",
@@ -226,8 +228,11 @@ class SSEConnection(asyncio.Protocol):
         token: str | None,
         requests: list[tuple[str, StreamPosition | None]],
         path: str,
+        meta: ConnectionMeta | None = None,
     ) -> None:
         self._registry = registry
+        # The request as the proxy hooks see it (None without hooks).
+        self._meta = meta
         self.positions = positions
         self._chunked = chunked
         self._token = token
@@ -252,7 +257,8 @@ class SSEConnection(asyncio.Protocol):
         self._transport = transport
         transport.set_write_buffer_limits(high=0)
         try:
-            self.session = self._registry.node.new_session(self, SSE)
+            meta, self._meta = self._meta, None  # the session keeps it
+            self.session = self._registry.node.new_session(self, SSE, meta)
         except SquallError as exc:
             self._refuse(exc)
             return
@@ -445,6 +451,7 @@ class SSEHandler(JSONHandler):
             token=token,
             requests=requests,
             path=sys.intern(self.request.path),
+            meta=node.connection_meta("sse", self.request.remote_ip or "", self.request.headers),
         )
         # The socket leaves Tornado now, before anything is awaited (as for
         # WebSocket): the connection does the rest.

@@ -27,6 +27,7 @@ import tornado.web
 import tornado.websocket
 
 from tests.conftest import RawWS, Running, ServerFactory, wait_for
+from tests.integration.test_sse import open_sse, stop
 
 # What the back end does for one request: a JSON-able answer, or an Answer.
 Reply = Callable[[dict[str, Any]], Any]
@@ -487,3 +488,28 @@ async def test_no_hooks_no_headers_kept(make_server: ServerFactory) -> None:
     assert server.node.proxy is None
     assert all(s.meta is None for s in server.node.sessions.values())
     assert "squall_proxy" not in await metrics(server)
+
+
+async def test_sse_connects_through_the_hook_with_its_cookie(
+    make_server: ServerFactory, backend: Backend
+) -> None:
+    """An EventSource has no token: its cookie goes to the connect hook, and
+    a refusal is the stream's HTTP error."""
+    server = await make_server(hooked(backend))
+    backend.answers["connect"] = user("u42")
+    stream = open_sse(server, "channel=news:x", {"Cookie": "sid=s3cret"})
+    connect = await stream.next("connect")
+    assert connect["client"]
+    await stream.next("subscribe")
+    (request,) = backend.calls("connect")
+    assert request["transport"] == "sse" and request["headers"] == {"Cookie": "sid=s3cret"}
+    session = next(iter(server.node.sessions.values()))
+    assert session.user == "u42"
+    await stop(stream)
+    backend.answers["connect"] = lambda _: {"error": {"code": 101, "message": "log in first"}}
+    refused = open_sse(server, "channel=news:x", {"Cookie": "sid=expired"})
+    assert refused.task is not None
+    await asyncio.wait_for(refused.task, 5)
+    assert refused.status == 403
+    assert orjson.loads(refused.body)["error"]["message"] == "log in first"
+    await wait_for(lambda: not server.node.sessions)
