@@ -167,6 +167,7 @@ class CodecDefaults:
     skip_publisher: bool = False
     presence_on_subscribe: bool = False
     frame_per_message: bool = False
+    joins_per_user: bool = False
 
     def client_id(self) -> str:
         return secrets.token_hex(8)
@@ -213,6 +214,9 @@ class Codec(Protocol):
     presence_on_subscribe: bool
     # Each message is a WebSocket frame of its own (else ``join_frame``).
     frame_per_message: bool
+    # Joins and leaves are told of per user: a user's first connection in,
+    # its last out (else per connection).
+    joins_per_user: bool
 
     def client_id(self) -> str:
         """A new connection's id, in the form the protocol's clients expect."""

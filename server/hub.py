@@ -76,10 +76,12 @@ class Hub:
             count += len(subs)
         return count
 
-    def broadcast_join(self, channel: str, info: ClientInfo) -> None:
+    def broadcast_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
         """Tell the channel's local subscribers; the one who joined only
         where its protocol says so (``Codec.join_self``)."""
         for codec, subs in self._channels.get(channel, {}).items():
+            if not first and codec.joins_per_user:
+                continue  # the user was there already (Pusher)
             message = codec.join(channel, info)
             if not message:
                 continue  # the protocol says nothing of it on this channel
@@ -88,8 +90,10 @@ class Hub:
                 if session.client_id != skip:
                     session.send(message)
 
-    def broadcast_leave(self, channel: str, info: ClientInfo) -> None:
+    def broadcast_leave(self, channel: str, info: ClientInfo, last: bool = True) -> None:
         for codec, subs in self._channels.get(channel, {}).items():
+            if not last and codec.joins_per_user:
+                continue  # the user is still there on another connection
             message = codec.leave(channel, info)
             if not message:
                 continue

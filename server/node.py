@@ -137,6 +137,8 @@ class Node:
         # Publishes that wait for a hook first cannot keep their order in a
         # pipeline: a session pipelines them only when no namespace has one.
         self.hooked_publish = self.proxy is not None and bool(self.proxy.publish_urls)
+        # Namespaces whose joins and leaves are told of per user (Pusher apps').
+        self._per_user_presence = frozenset(app.namespace for app in settings.pusher.apps)
         self.metrics = Metrics(self)
         self.flusher = Flusher(self.metrics)
         self.hub = Hub(self.flusher)
@@ -683,7 +685,10 @@ class Node:
         try:
             await self.broker.add_presence(channel.name, info)
             if channel.options.join_leave:
-                await self.broker.publish_join(channel.name, info)
+                first = True
+                if channel.namespace in self._per_user_presence:
+                    first = not await self._user_elsewhere(channel.name, info)
+                await self.broker.publish_join(channel.name, info, first)
         except BrokerUnavailable:
             log.warning("presence join for %s lost: broker unavailable", channel.name)
 
@@ -691,21 +696,30 @@ class Node:
         try:
             await self.broker.remove_presence(channel.name, info.client)
             if channel.options.join_leave:
-                await self.broker.publish_leave(channel.name, info)
+                last = True
+                if channel.namespace in self._per_user_presence:
+                    last = not await self._user_elsewhere(channel.name, info)
+                await self.broker.publish_leave(channel.name, info, last)
         except BrokerUnavailable:
             log.warning("presence leave for %s lost: broker unavailable", channel.name)
+
+    async def _user_elsewhere(self, channel: str, info: ClientInfo) -> bool:
+        """Whether another connection of ``info.user`` is in the channel's
+        presence (where a protocol tells of users: Pusher's namespaces)."""
+        members = await self.broker.presence(channel)
+        return any(c != info.client and m.user == info.user for c, m in members.items())
 
     # ---- broker callbacks -----------------------------------------------
 
     def on_publication(self, pub: Publication) -> None:
         self.metrics.deliveries += self.hub.broadcast_pub(pub)
 
-    def on_join(self, channel: str, info: ClientInfo) -> None:
+    def on_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
         # Others learn of the join; the client itself has its subscribe reply.
-        self.hub.broadcast_join(channel, info)
+        self.hub.broadcast_join(channel, info, first)
 
-    def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self.hub.broadcast_leave(channel, info)
+    def on_leave(self, channel: str, info: ClientInfo, last: bool = True) -> None:
+        self.hub.broadcast_leave(channel, info, last)
 
     def on_unrecoverable(self, channel: str) -> None:
         """Publications were lost on the way here: this node's subscribers of

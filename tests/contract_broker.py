@@ -21,16 +21,19 @@ class RecordingHandler:
         self.pubs: list[Publication] = []
         self.joins: list[tuple[str, ClientInfo]] = []
         self.leaves: list[tuple[str, ClientInfo]] = []
+        self.edges: list[bool] = []
         self.control: list[bytes] = []
 
     def on_publication(self, pub: Publication) -> None:
         self.pubs.append(pub)
 
-    def on_join(self, channel: str, info: ClientInfo) -> None:
+    def on_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
         self.joins.append((channel, info))
+        self.edges.append(first)
 
-    def on_leave(self, channel: str, info: ClientInfo) -> None:
+    def on_leave(self, channel: str, info: ClientInfo, last: bool = True) -> None:
         self.leaves.append((channel, info))
+        self.edges.append(last)
 
     def on_control(self, message: bytes) -> None:
         self.control.append(message)
@@ -129,6 +132,11 @@ async def test_presence_and_join_leave(broker: Broker, handler: RecordingHandler
     await broker.publish_join("room", alice)
     await broker.publish_leave("room", alice)
     await eventually(lambda: handler.joins == [("room", alice)] and len(handler.leaves) == 1)
+    # Whether it was the user's first connection in (last out) travels too.
+    await broker.publish_join("room", alice, False)
+    await broker.publish_leave("room", alice, False)
+    await eventually(lambda: len(handler.leaves) == 2)
+    assert handler.edges == [True, True, False, False]
 
 
 async def test_control_reaches_every_node(broker: Broker, handler: RecordingHandler) -> None:

@@ -6,6 +6,7 @@ loud reason, unless SQUALL_REQUIRE_SERVICES=1 (CI), where they fail.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -646,3 +647,18 @@ def started(
         yield
     finally:
         service.stop()
+
+
+def java_scenario_jar(project: str) -> Path:
+    """Where scripts/build-java-sdk-tests.sh puts the build of the SDK
+    scenario ``tests/java/<project>``: the key is its pom.xml, then every
+    source file in byte order of its path."""
+    sources_root = ROOT / "tests" / "java" / project
+    sources = sorted(
+        (p for p in (sources_root / "src").rglob("*") if p.is_file()),
+        key=lambda p: p.as_posix().encode(),
+    )
+    digest = hashlib.sha256()
+    for path in [sources_root / "pom.xml", *sources]:
+        digest.update(path.read_bytes())
+    return CACHE / f"{project}-java-{digest.hexdigest()[:16]}" / "scenario.jar"

@@ -159,13 +159,13 @@ class MemoryBroker:
             if not members:
                 del self._presence[channel]
 
-    async def publish_join(self, channel: str, info: ClientInfo) -> None:
+    async def publish_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
         if self._handler is not None:
-            self._handler.on_join(channel, info)
+            self._handler.on_join(channel, info, first)
 
-    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
+    async def publish_leave(self, channel: str, info: ClientInfo, last: bool = True) -> None:
         if self._handler is not None:
-            self._handler.on_leave(channel, info)
+            self._handler.on_leave(channel, info, last)
 
     async def publish_control(self, message: bytes) -> None:
         if self._handler is not None:

@@ -117,6 +117,15 @@ async def _stop_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float = 5.0) 
                 task.result()
 
 
+def _presence_event(info: ClientInfo, edge: bool) -> bytes:
+    """A join or leave on the wire; ``edge`` (the user's first connection in,
+    or last out) only when false, so older nodes read it unchanged."""
+    obj = info.to_json()
+    if not edge:
+        obj["edge"] = False
+    return orjson.dumps(obj)
+
+
 class _PubSub:
     """One pub/sub connection (RESP2) and the task that reads it."""
 
@@ -716,9 +725,11 @@ class RedisBroker:
         if kind == b"p":
             self._accept(decode_message(channel, message))
         elif kind == b"j":
-            handler.on_join(channel, ClientInfo.from_json(orjson.loads(message[1:])))
+            obj = orjson.loads(message[1:])
+            handler.on_join(channel, ClientInfo.from_json(obj), obj.get("edge", True))
         elif kind == b"l":
-            handler.on_leave(channel, ClientInfo.from_json(orjson.loads(message[1:])))
+            obj = orjson.loads(message[1:])
+            handler.on_leave(channel, ClientInfo.from_json(obj), obj.get("edge", True))
 
     def _accept(self, pub: Publication) -> None:
         channel = pub.channel
@@ -904,12 +915,12 @@ class RedisBroker:
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
 
-    async def publish_join(self, channel: str, info: ClientInfo) -> None:
-        message = b"j" + orjson.dumps(info.to_json())
+    async def publish_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
+        message = b"j" + _presence_event(info, first)
         await self._publish_raw(self.pubsub_name(channel), self._shard(channel), message)
 
-    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
-        message = b"l" + orjson.dumps(info.to_json())
+    async def publish_leave(self, channel: str, info: ClientInfo, last: bool = True) -> None:
+        message = b"l" + _presence_event(info, last)
         await self._publish_raw(self.pubsub_name(channel), self._shard(channel), message)
 
     async def publish_control(self, message: bytes) -> None:

@@ -95,6 +95,8 @@ class PusherCodec:
     presence_on_subscribe = True
     # pusher-js reads one JSON message a frame.
     frame_per_message = True
+    # member_added for a user's first connection, member_removed for its last.
+    joins_per_user = True
     ping: bytes | None = b'{"event":"pusher:ping","data":"{}"}'
     pong: bytes | None = b'{"event":"pusher:pong","data":{}}'
 
@@ -249,7 +251,7 @@ class PusherCodec:
         if isinstance(result, SubscribeResult):
             channel = str(command.params.get("pusher_channel", ""))
             data: Any = {}
-            if result.presence is not None:
+            if result.presence is not None and channel.startswith("presence-"):
                 members: dict[str, Any] = {}
                 for info in result.presence.values():
                     members[info.user] = info.info
@@ -266,9 +268,10 @@ class PusherCodec:
                 return APP_NOT_FOUND
             if isinstance(exc, errors.LimitExceeded):
                 return OVER_QUOTA
-            if isinstance(exc, errors.Unavailable):
-                return OVER_CAPACITY
-            return _message("pusher:error", {"code": None, "message": exc.message})
+            if isinstance(exc, errors.Unavailable) or exc.code in (100, 114):
+                return OVER_CAPACITY  # temporary: the SDKs come back after a while
+            # (Refused, by the connect hook say: the SDKs stay away.)
+            return Disconnect(UNAUTHORIZED.code, exc.message[:120] or UNAUTHORIZED.reason)
         if method == "subscribe" and isinstance(command, Command):
             channel = str(command.params.get("pusher_channel", ""))
             status = 401 if exc.code in (101, 103, 109) else 400

@@ -513,3 +513,32 @@ async def test_sse_connects_through_the_hook_with_its_cookie(
     assert refused.status == 403
     assert orjson.loads(refused.body)["error"]["message"] == "log in first"
     await wait_for(lambda: not server.node.sessions)
+
+
+async def test_pusher_clients_connect_through_the_hook(
+    make_server: ServerFactory, backend: Backend
+) -> None:
+    """The Pusher endpoint: the connect hook sees the page's cookie and names
+    the user; a refusal closes the socket with a code the SDKs do not retry."""
+    app = {"id": "1234", "key": "app-key", "secret": "app-secret-0123456789"}
+    server = await make_server({**hooked(backend), "pusher": {"apps": [app]}})
+    backend.answers["connect"] = user("u42")
+    url = f"ws://127.0.0.1:{server.port}/app/app-key?protocol=7"
+    request = tornado.httpclient.HTTPRequest(url, headers={"Cookie": "sid=s3cret"})
+    conn = await tornado.websocket.websocket_connect(request)
+    try:
+        established = orjson.loads(await asyncio.wait_for(conn.read_message(), 5))
+        assert established["event"] == "pusher:connection_established"
+        (call,) = backend.calls("connect")
+        assert call["protocol"] == "pusher" and call["headers"] == {"Cookie": "sid=s3cret"}
+        await wait_for(lambda: [s.user for s in server.node.sessions.values()] == ["u42"])
+    finally:
+        conn.close()
+    backend.answers["connect"] = lambda _: {"error": {"code": 101, "message": "log in first"}}
+    refused = await tornado.websocket.websocket_connect(url)
+    try:
+        while await asyncio.wait_for(refused.read_message(), 5) is not None:
+            pass
+        assert refused.close_code is not None and 4000 <= refused.close_code < 4100
+    finally:
+        refused.close()

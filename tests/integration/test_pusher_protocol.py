@@ -202,3 +202,37 @@ async def test_one_channel_across_protocols(pusher_server: Running) -> None:
     message = await ws.expect("message")
     assert message["data"] == {"text": "from squall"}
     await wait_for(lambda: pusher_server.node.hub.subscribers(f"{NS}:private-mixed") == 3)
+
+
+async def test_members_are_users_not_connections(pusher_server: Running) -> None:
+    """A user on two connections is added once and removed when the last
+    one leaves, as Pusher does; public channels carry no member list."""
+
+    async def join(user_id: str) -> PusherWS:
+        ws = await open_pusher(pusher_server)
+        member = orjson.dumps({"user_id": user_id}).decode()
+        signature = auth(ws.socket_id, "presence-room", member)
+        await ws.subscribe("presence-room", auth=signature, channel_data=member)
+        return ws
+
+    ann = await join("ann")
+    carol_1 = await join("carol")
+    assert (await ann.expect("pusher_internal:member_added"))["data"]["user_id"] == "carol"
+    carol_2 = await join("carol")
+    carol_1.close()
+    await wait_for(lambda: len(pusher_server.node.sessions) == 3)
+    for _ in range(200):  # bounded: carol's first connection leaves the presence
+        if len(await pusher_server.node.broker.presence(f"{NS}:presence-room")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("carol's first connection never left the presence")
+    # Neither carol's second connection nor her first one leaving said a thing.
+    ann.send("pusher:ping", {})
+    assert (await ann.recv())["event"] == "pusher:pong"  # type: ignore[index]
+    carol_2.close()
+    removed = await ann.recv()
+    assert removed is not None and removed["event"] == "pusher_internal:member_removed"
+    assert removed["data"] == {"user_id": "carol"}
+    public = await ann.subscribe("news")
+    assert public["data"] == {}

@@ -22,7 +22,6 @@ memory engine loses history on a restart.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import shutil
@@ -35,9 +34,8 @@ from typing import Any, BinaryIO
 import pytest
 
 from tests.centrifuge_servers import PING_INTERVAL, CentServer
-from tests.services import CACHE, ROOT, require, stop_process
+from tests.services import java_scenario_jar, require, stop_process
 
-JAVA_SOURCES = ROOT / "tests" / "java" / "centrifuge"
 MAIN_CLASS = "squall.centrifuge.Scenario"
 CHANNEL = "durable:log"
 PRESENCE_CHANNEL = "chat:java"
@@ -50,16 +48,7 @@ LINE_TIMEOUT = 40.0
 
 
 def scenario_jar() -> Path:
-    """Where scripts/build-java-sdk-tests.sh puts the build of these sources:
-    the key is pom.xml, then every source file in byte order of its path."""
-    sources = sorted(
-        (p for p in (JAVA_SOURCES / "src").rglob("*") if p.is_file()),
-        key=lambda p: p.as_posix().encode(),
-    )
-    digest = hashlib.sha256()
-    for path in [JAVA_SOURCES / "pom.xml", *sources]:
-        digest.update(path.read_bytes())
-    return CACHE / f"centrifuge-java-{digest.hexdigest()[:16]}" / "scenario.jar"
+    return java_scenario_jar("centrifuge")
 
 
 class Scenario:

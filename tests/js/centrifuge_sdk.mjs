@@ -17,112 +17,17 @@
 // {token} (signed with another secret); sub_token {user, channel, ttl} ->
 // {token, exp}; publish {channel, data} -> the API's answer; restart -> {restarted}
 // (false where the server's history would not survive one).
-import { createInterface } from "node:readline";
 import { inspect } from "node:util";
+import { ask, check, emit, equal, fail, sleep, until, within, WAIT_MS } from "./sdk_harness.mjs";
 import WebSocket from "ws";
 
 const URL = process.env.URL;
 const PROTOCOL = process.env.PROTOCOL || "json";
 const SCENARIO = process.env.SCENARIO;
 const DEBUG = process.env.SDK_DEBUG === "1";
-// The longest any single wait may take; the harness kills us after its own deadline.
-const WAIT_MS = 10000;
 
 const sdk = await import(PROTOCOL === "protobuf" ? "centrifuge/build/protobuf" : "centrifuge");
 const { Centrifuge } = sdk;
-
-// ---- output -----------------------------------------------------------------
-
-// Contexts hold Uint8Array payloads (protobuf) and 64-bit offsets: make them JSON.
-function plain(value) {
-  return JSON.parse(
-    JSON.stringify(value, function (key, v) {
-      const raw = this[key]; // before toJSON: a Buffer is still one
-      if (typeof raw === "bigint") return Number(raw);
-      if (raw instanceof Uint8Array) return { bytes: new TextDecoder().decode(raw) };
-      if (v && typeof v === "object" && typeof v.toNumber === "function" && "low" in v) return v.toNumber();
-      return v;
-    }),
-  );
-}
-
-function emit(event, fields = {}) {
-  process.stdout.write(JSON.stringify({ event, ...plain(fields) }) + "\n");
-}
-
-function fail(reason) {
-  emit("fail", { reason: String(reason) });
-  process.exit(1);
-}
-
-process.on("unhandledRejection", (err) => fail(`unhandled rejection: ${inspect(err)}`));
-process.on("uncaughtException", (err) => fail(`uncaught exception: ${inspect(err)}`));
-
-function check(condition, message, details) {
-  if (!condition) fail(details === undefined ? message : `${message}: ${JSON.stringify(plain(details))}`);
-}
-
-// Objects compare whatever the order of their keys.
-function canonical(value) {
-  if (Array.isArray(value)) return value.map(canonical);
-  if (value && typeof value === "object") {
-    return Object.fromEntries(Object.keys(value).sort().map((k) => [k, canonical(value[k])]));
-  }
-  return value;
-}
-
-function equal(actual, expected, message) {
-  const a = JSON.stringify(canonical(plain(actual)));
-  const e = JSON.stringify(canonical(plain(expected)));
-  if (a !== e) fail(`${message}: got ${a}, expected ${e}`);
-}
-
-// ---- the harness --------------------------------------------------------------
-
-const pending = new Map();
-let requestId = 0;
-createInterface({ input: process.stdin }).on("line", (line) => {
-  if (!line.trim()) return;
-  const reply = JSON.parse(line);
-  const waiter = pending.get(reply.id);
-  if (!waiter) fail(`reply to no request: ${line}`);
-  pending.delete(reply.id);
-  if (reply.error !== undefined) waiter.reject(new Error(`harness: ${reply.error}`));
-  else waiter.resolve(reply.result);
-});
-
-function ask(op, args = {}, timeout = 30000) {
-  const id = ++requestId;
-  const answer = new Promise((resolve, reject) => pending.set(id, { resolve, reject }));
-  process.stdout.write(JSON.stringify({ request: { op, ...args }, id }) + "\n");
-  return within(answer, timeout, `the harness to answer ${op}`);
-}
-
-// ---- waiting --------------------------------------------------------------------
-
-function within(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  const named = promise.catch((err) => {
-    throw new Error(`${what} failed: ${inspect(err)}`);
-  });
-  return Promise.race([named, timeout]).finally(() => clearTimeout(timer));
-}
-
-async function until(predicate, what, ms = WAIT_MS) {
-  const deadline = Date.now() + ms;
-  while (!predicate()) {
-    if (Date.now() > deadline) fail(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(10);
-  }
-}
-
-// Only for "nothing happens during this window" checks.
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 // ---- payloads: JSON values over JSON, JSON bytes over Protobuf --------------
 

@@ -237,3 +237,12 @@ def test_signatures_compare_the_whole_auth_string() -> None:
     assert channel_auth_valid(APP, "1.2", "private-a", auth("1.2", "private-a"), None)
     assert not channel_auth_valid(APP, "1.2", "private-a", auth("1.2", "private-a")[:-1], None)
     assert not channel_auth_valid(APP, "1.2", "private-a", "app-key" + "0" * 64, None)
+
+
+def test_a_refused_connect_closes_with_pushers_codes() -> None:
+    (command,) = CODEC.decode(b"")
+    refused = CODEC.error(command, errors.Unauthorized("log in first"))
+    assert not isinstance(refused, bytes)
+    assert (refused.code, refused.reason) == (4009, "log in first")  # stay away
+    busy = CODEC.error(command, errors.Unavailable("try later"))
+    assert not isinstance(busy, bytes) and 4100 <= busy.code < 4200  # come back later
