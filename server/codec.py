@@ -168,6 +168,7 @@ class CodecDefaults:
     presence_on_subscribe: bool = False
     frame_per_message: bool = False
     joins_per_user: bool = False
+    max_connections: int = 0
 
     def client_id(self) -> str:
         return secrets.token_hex(8)
@@ -217,6 +218,9 @@ class Codec(Protocol):
     # Joins and leaves are told of per user: a user's first connection in,
     # its last out (else per connection).
     joins_per_user: bool
+    # Connections this codec may have open in the process; 0: no own limit
+    # (a Pusher app's max_connections).
+    max_connections: int
 
     def client_id(self) -> str:
         """A new connection's id, in the form the protocol's clients expect."""

@@ -143,6 +143,8 @@ class Node:
         self.flusher = Flusher(self.metrics)
         self.hub = Hub(self.flusher)
         self.sessions: dict[str, Session] = {}
+        # Open sessions per codec (a Pusher app's quota counts its own).
+        self.codec_sessions: dict[Codec, int] = {}
         self.users: dict[str, dict[Session, None]] = {}
         self.draining = False
         self.started_at = time.time()
@@ -256,6 +258,7 @@ class Node:
             raise errors.Unavailable("connection limit reached")
         session = Session(self, transport, codec, meta)
         self.sessions[session.client_id] = session
+        self.codec_sessions[codec] = self.codec_sessions.get(codec, 0) + 1
         self.metrics.connections_accepted += 1
         return session
 
@@ -268,6 +271,11 @@ class Node:
     def _forget(self, session: Session) -> None:
         if self.sessions.pop(session.client_id, None) is None:
             return
+        left = self.codec_sessions.get(session.codec, 1) - 1
+        if left:
+            self.codec_sessions[session.codec] = left
+        else:
+            self.codec_sessions.pop(session.codec, None)
         if not self.sessions:
             self._all_gone.set()
         same_user = self.users.get(session.user)

@@ -670,6 +670,9 @@ class Session:
     async def _connect(self, params: dict[str, Any]) -> ConnectResult:
         if self.state is not State.CONNECTING:
             raise errors.BadRequest("already connected")
+        quota = self.codec.max_connections
+        if quota and self.node.codec_sessions.get(self.codec, 0) > quota:
+            raise errors.LimitExceeded("the application is over its connection quota")
         token = params.get("token")
         channels: list[str] = []
         proxy = self.node.proxy

@@ -104,6 +104,7 @@ class PusherCodec:
         # None: the key named no app; every connection is refused (4001).
         self.app = app
         self.activity_timeout = activity_timeout
+        self.max_connections = app.max_connections if app is not None else 0
         self._prefix = f"{app.namespace}:" if app is not None else ""
 
     def __repr__(self) -> str:

@@ -236,3 +236,20 @@ async def test_members_are_users_not_connections(pusher_server: Running) -> None
     assert removed["data"] == {"user_id": "carol"}
     public = await ann.subscribe("news")
     assert public["data"] == {}
+
+
+async def test_an_app_over_its_connection_quota_is_refused(make_server: ServerFactory) -> None:
+    server = await make_server({"pusher": {"apps": [{**APP, "max_connections": 2}]}})
+    first, second = await open_pusher(server), await open_pusher(server)
+    url = f"ws://127.0.0.1:{server.port}/app/app-key?protocol=7"
+    third = await tornado.websocket.websocket_connect(url)
+    try:
+        assert await asyncio.wait_for(third.read_message(), 5) is None
+        assert third.close_code == 4004  # over quota: the SDKs do not retry
+    finally:
+        third.close()
+    # A place frees up when one leaves.
+    first.close()
+    await wait_for(lambda: len(server.node.sessions) == 1)
+    again = await open_pusher(server)
+    assert again.socket_id and second.socket_id
