@@ -218,6 +218,12 @@ class PusherSettings:
     # Seconds of silence after which a Pusher client pings (told to it in
     # pusher:connection_established).
     activity_timeout: int = 120
+    # Webhooks: events gathered this many seconds into one request; a failed
+    # request is tried again this many times, first after webhook_retry_delay
+    # seconds, then doubling.
+    webhook_batch_delay: float = 0.05
+    webhook_retries: int = 5
+    webhook_retry_delay: float = 1.0
 
 
 @dataclass(slots=True)
@@ -455,6 +461,9 @@ def _validate_pusher(settings: Settings) -> None:
     pusher = settings.pusher
     if pusher.activity_timeout < 1:
         raise ConfigError("pusher.activity_timeout", "must be at least 1 second")
+    for name in ("webhook_batch_delay", "webhook_retries", "webhook_retry_delay"):
+        if getattr(pusher, name) < 0:
+            raise ConfigError(f"pusher.{name}", "must be >= 0")
     ids: set[str] = set()
     keys: set[str] = set()
     for i, app in enumerate(pusher.apps):

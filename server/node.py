@@ -29,6 +29,8 @@ from server.hub import Hub
 from server.metrics import Metrics
 from server.models import ClientInfo, Publication, StreamPosition
 from server.proxy import ConnectionMeta, Proxy
+from server.pusher import event_of
+from server.pusher_webhooks import WebhookSender
 from server.search import (
     BadSearch,
     SearchIndex,
@@ -139,6 +141,10 @@ class Node:
         self.hooked_publish = self.proxy is not None and bool(self.proxy.publish_urls)
         # Namespaces whose joins and leaves are told of per user (Pusher apps').
         self._per_user_presence = frozenset(app.namespace for app in settings.pusher.apps)
+        # Pusher apps' webhooks (None: no app has one).
+        self.webhooks: WebhookSender | None = None
+        if any(app.webhooks for app in settings.pusher.apps):
+            self.webhooks = WebhookSender(settings.pusher)
         self.metrics = Metrics(self)
         self.flusher = Flusher(self.metrics)
         self.hub = Hub(self.flusher)
@@ -212,6 +218,8 @@ class Node:
         await self.auth.close()
         if self.proxy is not None:
             await self.proxy.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self._tasks.cancel_all()
         await self.broker.close()
         if self.search is not None:
@@ -381,6 +389,22 @@ class Node:
         except StoreUnavailable as exc:
             raise errors.Unavailable(f"store: {exc}") from None
         self.metrics.publications_in += 1
+        webhooks = self.webhooks
+        if webhooks is not None and info is not None and webhooks.wants(channel.namespace):
+            # A Pusher client event (its sender in the envelope): raised here,
+            # on the node that took it, once.
+            event = event_of(data)
+            if event.name.startswith("client-") and event.socket_id:
+                out = {
+                    "name": "client_event",
+                    "channel": channel.name[len(channel.namespace) + 1 :],
+                    "event": event.name,
+                    "data": event.data,
+                    "socket_id": event.socket_id,
+                }
+                if event.user_id:
+                    out["user_id"] = event.user_id
+                webhooks.raise_event(channel.namespace, out)
         return pub
 
     async def _publish_durable(
@@ -689,33 +713,53 @@ class Node:
 
     # ---- presence -------------------------------------------------------
 
+    def _by_user(self, channel: Channel) -> bool:
+        """Whether joins and leaves on ``channel`` are told of per user:
+        Pusher apps' presence channels."""
+        return channel.namespace in self._per_user_presence and channel.name.startswith(
+            "presence-", len(channel.namespace) + 1
+        )
+
     async def join(self, channel: Channel, info: ClientInfo) -> None:
         try:
-            await self.broker.add_presence(channel.name, info)
+            by_user = self._by_user(channel)
+            edge = await self.broker.add_presence(channel.name, info, by_user=by_user)
+            first = not edge.user_elsewhere
             if channel.options.join_leave:
-                first = True
-                if channel.namespace in self._per_user_presence:
-                    first = not await self._user_elsewhere(channel.name, info)
                 await self.broker.publish_join(channel.name, info, first)
+            if self.webhooks is not None and self.webhooks.wants(channel.namespace):
+                self._presence_webhooks(channel, info, edge.members == 1, first, joined=True)
         except BrokerUnavailable:
             log.warning("presence join for %s lost: broker unavailable", channel.name)
 
     async def leave(self, channel: Channel, info: ClientInfo) -> None:
         try:
-            await self.broker.remove_presence(channel.name, info.client)
+            user = info.user if self._by_user(channel) else ""
+            edge = await self.broker.remove_presence(channel.name, info.client, user=user)
+            last = not edge.user_elsewhere
             if channel.options.join_leave:
-                last = True
-                if channel.namespace in self._per_user_presence:
-                    last = not await self._user_elsewhere(channel.name, info)
                 await self.broker.publish_leave(channel.name, info, last)
+            if self.webhooks is not None and self.webhooks.wants(channel.namespace):
+                self._presence_webhooks(channel, info, edge.members == 0, last, joined=False)
         except BrokerUnavailable:
             log.warning("presence leave for %s lost: broker unavailable", channel.name)
 
-    async def _user_elsewhere(self, channel: str, info: ClientInfo) -> bool:
-        """Whether another connection of ``info.user`` is in the channel's
-        presence (where a protocol tells of users: Pusher's namespaces)."""
-        members = await self.broker.presence(channel)
-        return any(c != info.client and m.user == info.user for c, m in members.items())
+    def _presence_webhooks(
+        self, channel: Channel, info: ClientInfo, edge: bool, user_edge: bool, *, joined: bool
+    ) -> None:
+        """A Pusher app's webhooks for a join (``edge``: the channel was
+        empty; ``user_edge``: the user's first connection) or a leave (the
+        channel is empty now; the user's last connection)."""
+        assert self.webhooks is not None
+        name = channel.name[len(channel.namespace) + 1 :]
+        raise_event = self.webhooks.raise_event
+        if joined and edge:
+            raise_event(channel.namespace, {"name": "channel_occupied", "channel": name})
+        if user_edge and name.startswith("presence-"):
+            kind = "member_added" if joined else "member_removed"
+            raise_event(channel.namespace, {"name": kind, "channel": name, "user_id": info.user})
+        if not joined and edge:
+            raise_event(channel.namespace, {"name": "channel_vacated", "channel": name})
 
     # ---- broker callbacks -----------------------------------------------
 

@@ -122,12 +122,19 @@ async def test_seed_only_when_absent(broker: Broker) -> None:
 async def test_presence_and_join_leave(broker: Broker, handler: RecordingHandler) -> None:
     await broker.subscribe("room")
     alice = ClientInfo("c-a", "alice", {"n": 1})
-    await broker.add_presence("room", alice)
-    await broker.add_presence("room", ClientInfo("c-b", "bob"))
+    assert (await broker.add_presence("room", alice)).members == 1  # the room was empty
+    edge = await broker.add_presence("room", ClientInfo("c-b", "bob"), by_user=True)
+    assert (edge.members, edge.user_elsewhere) == (2, False)
     members = await broker.presence("room")
     assert set(members) == {"c-a", "c-b"}
     assert members["c-a"] == alice
-    await broker.remove_presence("room", "c-b")
+    # alice's second connection: her user was there already.
+    edge = await broker.add_presence("room", ClientInfo("c-a2", "alice"), by_user=True)
+    assert (edge.members, edge.user_elsewhere) == (3, True)
+    edge = await broker.remove_presence("room", "c-a2", user="alice")
+    assert (edge.members, edge.user_elsewhere) == (2, True)
+    edge = await broker.remove_presence("room", "c-b", user="bob")
+    assert (edge.members, edge.user_elsewhere) == (1, False)
     assert set(await broker.presence("room")) == {"c-a"}
     await broker.publish_join("room", alice)
     await broker.publish_leave("room", alice)

@@ -18,6 +18,7 @@ Guarantees every implementation keeps (the contract tests check them):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
@@ -33,6 +34,15 @@ class OffsetConflict(Exception):
     def __init__(self, current: StreamPosition) -> None:
         super().__init__(f"stream is at {current}")
         self.current = current
+
+
+@dataclass(slots=True, frozen=True)
+class PresenceEdge:
+    """What a presence change left: the channel's member count, and whether
+    another connection of the same user is (still) there."""
+
+    members: int
+    user_elsewhere: bool
 
 
 class BrokerHandler(Protocol):
@@ -113,9 +123,19 @@ class Broker(Protocol):
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]: ...
 
-    async def add_presence(self, channel: str, info: ClientInfo) -> None: ...
+    async def add_presence(
+        self, channel: str, info: ClientInfo, *, by_user: bool = False
+    ) -> PresenceEdge:
+        """Add a member. Says how many the channel has now (1: it was empty)
+        and, with ``by_user``, whether another connection of the member's
+        user is there: atomically across nodes, so of concurrent joins one
+        sees each edge."""
+        ...
 
-    async def remove_presence(self, channel: str, client: str) -> None: ...
+    async def remove_presence(self, channel: str, client: str, *, user: str = "") -> PresenceEdge:
+        """Remove a member. Says how many are left (0: it is empty now) and,
+        given its ``user``, whether another connection of that user is."""
+        ...
 
     async def publish_join(self, channel: str, info: ClientInfo, first: bool = True) -> None: ...
 

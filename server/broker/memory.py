@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import suppress
 from typing import Any
 
-from server.broker import BrokerHandler, OffsetConflict
+from server.broker import BrokerHandler, OffsetConflict, PresenceEdge
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 
 
@@ -149,15 +149,25 @@ class MemoryBroker:
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         return dict(self._presence.get(channel, {}))
 
-    async def add_presence(self, channel: str, info: ClientInfo) -> None:
-        self._presence.setdefault(channel, {})[info.client] = info
+    async def add_presence(
+        self, channel: str, info: ClientInfo, *, by_user: bool = False
+    ) -> PresenceEdge:
+        members = self._presence.setdefault(channel, {})
+        members[info.client] = info
+        elsewhere = by_user and any(
+            c != info.client and m.user == info.user for c, m in members.items()
+        )
+        return PresenceEdge(len(members), elsewhere)
 
-    async def remove_presence(self, channel: str, client: str) -> None:
+    async def remove_presence(self, channel: str, client: str, *, user: str = "") -> PresenceEdge:
         members = self._presence.get(channel)
-        if members is not None:
-            members.pop(client, None)
-            if not members:
-                del self._presence[channel]
+        if members is None:
+            return PresenceEdge(0, False)
+        members.pop(client, None)
+        if not members:
+            del self._presence[channel]
+        elsewhere = bool(user) and any(m.user == user for m in members.values())
+        return PresenceEdge(len(members), elsewhere)
 
     async def publish_join(self, channel: str, info: ClientInfo, first: bool = True) -> None:
         if self._handler is not None:

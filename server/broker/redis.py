@@ -42,7 +42,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict
+from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict, PresenceEdge
 from server.broker import redis_lua as lua
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 from server.tasks import BackgroundTasks
@@ -443,6 +443,8 @@ class RedisBroker:
             "position": lua.POSITION,
             "seed": lua.SEED,
             "presence_add": lua.PRESENCE_ADD,
+            "presence_join": lua.PRESENCE_JOIN,
+            "presence_leave": lua.PRESENCE_LEAVE,
             "presence_get": lua.PRESENCE_GET,
             "node_report": lua.NODE_REPORT,
             "node_list": lua.NODE_LIST,
@@ -871,25 +873,25 @@ class RedisBroker:
             out[client] = ClientInfo.from_json(orjson.loads(flat[i + 1]))
         return out
 
-    async def add_presence(self, channel: str, info: ClientInfo) -> None:
+    async def add_presence(
+        self, channel: str, info: ClientInfo, *, by_user: bool = False
+    ) -> PresenceEdge:
         encoded = orjson.dumps(info.to_json())
         self._local_presence[(channel, info.client)] = encoded
-        await self._call(
+        count, elsewhere = await self._call(
             self._shard(channel),
-            "presence_add",
+            "presence_join",
             self._presence_keys(channel),
-            [info.client, encoded, int(self.presence_ttl * 1000)],
+            [info.client, encoded, int(self.presence_ttl * 1000), info.user if by_user else ""],
         )
+        return PresenceEdge(int(count), bool(elsewhere))
 
-    async def remove_presence(self, channel: str, client: str) -> None:
+    async def remove_presence(self, channel: str, client: str, *, user: str = "") -> PresenceEdge:
         self._local_presence.pop((channel, client), None)
-        pres, exp = self._presence_keys(channel)
-        shard = self._shard(channel)
-        try:
-            await shard.client.hdel(pres, client)
-            await shard.client.zrem(exp, client)
-        except _REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
+        left, elsewhere = await self._call(
+            self._shard(channel), "presence_leave", self._presence_keys(channel), [client, user]
+        )
+        return PresenceEdge(int(left), bool(elsewhere))
 
     async def _presence_heartbeat(self) -> None:
         """Refresh this node's presence entries; a crashed node's expire."""

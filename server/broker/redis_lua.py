@@ -146,6 +146,63 @@ return 1
 """
 )
 
+# Presence joins and leaves that say, atomically (one of many concurrent
+# callers sees each edge): how many members the channel has, and, when
+# ARGV holds a user, whether another member of that user is there.
+_PRESENCE_EDGES = """
+local function prune()
+  local now = now_ms()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+  for i = 1, #gone do
+    redis.call('HDEL', KEYS[1], gone[i])
+  end
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  end
+  return now
+end
+local function user_elsewhere(client, user)
+  if user == '' then
+    return 0
+  end
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if all[i] ~= client and cjson.decode(all[i + 1])['user'] == user then
+      return 1
+    end
+  end
+  return 0
+end
+"""
+
+# KEYS: presence hash, expiry zset; ARGV: client, info, ttl_ms, user ('':
+# do not look). Returns {members now, another of the user's was there}.
+PRESENCE_JOIN = (
+    _COMMON
+    + _PRESENCE_EDGES
+    + """
+local now = prune()
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {redis.call('HLEN', KEYS[1]), user_elsewhere(ARGV[1], ARGV[4])}
+"""
+)
+
+# KEYS: presence hash, expiry zset; ARGV: client, user ('': do not look).
+# Returns {members left, another of the user's is still there}.
+PRESENCE_LEAVE = (
+    _COMMON
+    + _PRESENCE_EDGES
+    + """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+prune()
+return {redis.call('HLEN', KEYS[1]), user_elsewhere(ARGV[1], ARGV[2])}
+"""
+)
+
 # KEYS: presence hash, expiry zset. Drops expired members, returns the rest.
 PRESENCE_GET = (
     _COMMON
