@@ -202,6 +202,9 @@ class PusherCodec:
                 raise errors.PermissionDenied("client events are not enabled for this app")
             if not name.startswith(("private-", "presence-")):
                 raise errors.PermissionDenied("client events only on private and presence channels")
+            if name.startswith("private-encrypted-"):
+                # The server could not encrypt them for the others: as Pusher.
+                raise errors.PermissionDenied("no client events on encrypted channels")
             return ChannelGrant()
         return None
 

@@ -246,3 +246,15 @@ def test_a_refused_connect_closes_with_pushers_codes() -> None:
     assert (refused.code, refused.reason) == (4009, "log in first")  # stay away
     busy = CODEC.error(command, errors.Unavailable("try later"))
     assert not isinstance(busy, bytes) and 4100 <= busy.code < 4200  # come back later
+
+
+def test_no_client_events_on_encrypted_channels() -> None:
+    allowing = PusherCodec(
+        PusherApp(id="1", key="k", secret="s" * 16, namespace="p", enable_client_messages=True)
+    )
+    command = allowing.decode(
+        orjson.dumps({"event": "client-x", "channel": "private-encrypted-a", "data": {}})
+    )[0]
+    assert isinstance(command, Command)
+    with pytest.raises(errors.PermissionDenied):
+        allowing.authorize("publish", "1.2", command.params["channel"], command.params)
