@@ -29,6 +29,7 @@ from server.errors import SquallError
 from server.models import ClientInfo
 from server.node import Node
 from server.pusher import (
+    USER_CHANNEL_PREFIX,
     PusherApps,
     RequestRefused,
     envelope,
@@ -237,6 +238,8 @@ class PusherApiHandler(tornado.web.RequestHandler):
             raise RequestRefused(
                 400, "An event to an encrypted channel must go to that one channel only"
             )
+        if len(channels) > 1 and any(n.startswith(USER_CHANNEL_PREFIX) for n, _ in channels):
+            raise RequestRefused(400, "An event to a user must go to that one user's channel only")
         payload = envelope(name, data)
         limit = self.node.settings.limits.max_publication_bytes
         if len(payload) > limit:
@@ -357,7 +360,7 @@ class ChannelsHandler(PusherApiHandler):
             if count <= 0 or not squall_name.startswith(start):
                 continue
             name = pusher_channel(app, squall_name)
-            if not name.startswith(prefix) or not valid_channel(name):
+            if not name.startswith(prefix) or not valid_channel(name) or name[0] == "#":
                 continue
             channels[name] = await self.attributes(
                 name, self.node.channels.resolve(squall_name), wanted

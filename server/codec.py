@@ -156,6 +156,9 @@ class ChannelGrant:
     the connection's own identity."""
 
     info: ClientInfo | None = None
+    # Server-side subscriptions the grant comes with (a Pusher user's own
+    # channel on signin).
+    channels: list[str] = field(default_factory=list)
 
 
 class CodecDefaults:

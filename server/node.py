@@ -270,7 +270,15 @@ class Node:
         self.metrics.connections_accepted += 1
         return session
 
-    def register_user(self, session: Session) -> None:
+    def register_user(self, session: Session, previous: str | None = None) -> None:
+        """Index ``session`` by its user (``previous``: the user it was
+        indexed by until now, when it signs in as another)."""
+        if previous is not None:
+            same_user = self.users.get(previous)
+            if same_user is not None:
+                same_user.pop(session, None)
+                if not same_user:
+                    del self.users[previous]
         self.users.setdefault(session.user, {})[session] = None
 
     def forget_session_soon(self, session: Session) -> None:
@@ -752,6 +760,8 @@ class Node:
         channel is empty now; the user's last connection)."""
         assert self.webhooks is not None
         name = channel.name[len(channel.namespace) + 1 :]
+        if name.startswith("#"):
+            return  # a user's own channel: no webhooks, as Pusher
         raise_event = self.webhooks.raise_event
         if joined and edge:
             raise_event(channel.namespace, {"name": "channel_occupied", "channel": name})

@@ -61,8 +61,28 @@ def pusher_channel(app: PusherApp, channel: str) -> str:
     return channel[len(app.namespace) + 1 :]
 
 
+USER_CHANNEL_PREFIX = "#server-to-user-"
+
+
 def valid_channel(name: object) -> bool:
-    return isinstance(name, str) and CHANNEL_RE.fullmatch(name) is not None
+    """A Pusher channel name, or a signed-in user's ``#server-to-user-<id>``."""
+    if not isinstance(name, str):
+        return False
+    if name.startswith(USER_CHANNEL_PREFIX):
+        return CHANNEL_RE.fullmatch(name[len(USER_CHANNEL_PREFIX) :]) is not None
+    return CHANNEL_RE.fullmatch(name) is not None
+
+
+def user_auth_valid(app: PusherApp, socket_id: str, auth: object, user_data: str) -> bool:
+    """Whether ``auth`` signs a ``pusher:signin``:
+    ``<key>:<HMAC(secret, socket_id::user::user_data)>``."""
+    if not isinstance(auth, str):
+        return False
+    key, sep, signature = auth.partition(":")
+    if not sep or not hmac.compare_digest(key.encode(), app.key.encode()):
+        return False
+    expected = sign(app.secret, f"{socket_id}::user::{user_data}")
+    return hmac.compare_digest(signature.encode(), expected.encode())
 
 
 def envelope(event: str, data: str, socket_id: str = "", user_id: str = "") -> bytes:

@@ -1136,6 +1136,23 @@ class Session:
             raise errors.BadSubscriptionToken("connection closed")
         return exp
 
+    async def _cmd_signin(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A protocol's sign-in on an open connection (Pusher's
+        ``pusher:signin``): the codec checks it, the connection becomes its
+        user's, and subscribes to what the grant names (the user's channel)."""
+        grant = self.codec.authorize("signin", self.client_id, "", params)
+        if grant is None or grant.info is None:
+            raise errors.MethodNotFound("this protocol has no signin")
+        if self.user and self.user != grant.info.user:
+            raise errors.BadRequest("already signed in as another user")
+        previous, self.user = self.user, grant.info.user
+        self.info = grant.info
+        self.node.register_user(self, previous)
+        for name in grant.channels:
+            if name not in self.subs:
+                await self._subscribe(self.node.channels.resolve(name), {}, server=True)
+        return {}
+
     async def _cmd_rpc(self, params: dict[str, Any]) -> Empty:
         raise errors.NotAvailable("this server has no RPC handlers")
 

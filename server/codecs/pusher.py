@@ -46,11 +46,13 @@ from server.config import PusherApp
 from server.errors import Disconnect, SquallError
 from server.models import ClientInfo, Publication
 from server.pusher import (
+    USER_CHANNEL_PREFIX,
     channel_auth_valid,
     envelope,
     event_of,
     pusher_channel,
     squall_channel,
+    user_auth_valid,
     valid_channel,
 )
 
@@ -82,7 +84,7 @@ class PusherCodec:
 
     name = "pusher"
     binary = False
-    methods = frozenset({"connect", "subscribe", "unsubscribe", "publish", "ping"})
+    methods = frozenset({"connect", "subscribe", "unsubscribe", "publish", "ping", "signin"})
     subs_in_connect = False
     close_on_connect_error = True
     join_self = False
@@ -145,6 +147,11 @@ class PusherCodec:
             return []
         if event == "pusher:subscribe":
             return [self._subscribe(data)]
+        if event == "pusher:signin":
+            if not isinstance(data, dict) or not isinstance(data.get("user_data"), str):
+                return [InvalidCommand(0, errors.BadRequest("signin needs user_data"), "signin")]
+            params = {"pusher_auth": data.get("auth"), "pusher_user_data": data["user_data"]}
+            return [Command(0, "signin", params)]
         if event == "pusher:unsubscribe":
             channel = data.get("channel") if isinstance(data, dict) else None
             if not isinstance(channel, str) or not valid_channel(channel):
@@ -192,9 +199,14 @@ class PusherCodec:
         (raises ``SquallError`` to refuse), or None where the namespace's own
         rules apply (another protocol's command)."""
         app = self.app
+        if app is not None and method == "signin":
+            return self._authorize_signin(app, client_id, params)
         name = params.get("pusher_channel")
         if app is None or not isinstance(name, str):
             return None
+        if name.startswith(USER_CHANNEL_PREFIX):
+            # The server subscribes a signed-in user to its own channel.
+            raise errors.PermissionDenied("a user channel comes with signin")
         if method == "subscribe":
             return self._authorize_subscribe(app, client_id, name, params)
         if method == "publish":
@@ -207,6 +219,22 @@ class PusherCodec:
                 raise errors.PermissionDenied("no client events on encrypted channels")
             return ChannelGrant()
         return None
+
+    def _authorize_signin(
+        self, app: PusherApp, client_id: str, params: dict[str, Any]
+    ) -> ChannelGrant:
+        user_data = str(params.get("pusher_user_data", ""))
+        if not user_auth_valid(app, client_id, params.get("pusher_auth"), user_data):
+            raise errors.Unauthorized("Invalid signature for signin")
+        try:
+            user = orjson.loads(user_data)
+        except orjson.JSONDecodeError:
+            raise errors.BadRequest("user_data is not JSON") from None
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if not isinstance(user_id, str) or not user_id or not valid_channel(user_id):
+            raise errors.BadRequest("user_data needs an id (a string of channel-name characters)")
+        info = ClientInfo(client_id, user_id, user.get("user_info"))
+        return ChannelGrant(info, [self._prefix + USER_CHANNEL_PREFIX + user_id])
 
     def _authorize_subscribe(
         self, app: PusherApp, client_id: str, name: str, params: dict[str, Any]
@@ -263,6 +291,10 @@ class PusherCodec:
             return _message("pusher_internal:subscription_succeeded", data, channel)
         if command.method == "ping":
             return b'{"event":"pusher:pong","data":"{}"}'
+        if command.method == "signin":
+            return _message(
+                "pusher:signin_success", {"user_data": command.params["pusher_user_data"]}
+            )
         return b""  # unsubscribe and client events have no answer
 
     def error(self, command: Command | InvalidCommand, exc: SquallError) -> bytes | Disconnect:
@@ -280,6 +312,9 @@ class PusherCodec:
             channel = str(command.params.get("pusher_channel", ""))
             status = 401 if exc.code in (101, 103, 109) else 400
             if isinstance(exc, errors.AlreadySubscribed):
+                if channel.startswith(USER_CHANNEL_PREFIX):
+                    # pusher-js subscribes to the user channel signin made.
+                    return _message("pusher_internal:subscription_succeeded", {}, channel)
                 return b""  # Pusher ignores a repeated subscribe
             return orjson.dumps(
                 {
@@ -290,6 +325,8 @@ class PusherCodec:
             )
         if method == "unsubscribe":
             return b""  # nothing to say: it is not subscribed
+        if method == "signin":
+            return _message("pusher:signin_error", {"error": exc.message})
         code = 4301 if isinstance(exc, errors.TooManyRequests) else None
         return orjson.dumps(
             {"event": "pusher:error", "data": {"code": code, "message": exc.message}}

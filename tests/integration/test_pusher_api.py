@@ -429,3 +429,15 @@ async def test_no_routes_without_apps(make_server: ServerFactory) -> None:
         f"{plain.http_url}/apps/{APP_ID}/channels", raise_error=False
     )
     assert response.code == 404
+
+
+async def test_an_event_to_a_user(server: Running) -> None:
+    """Pusher's send_to_user: the channel #server-to-user-<id>, alone."""
+    raw = await subscriber(server, "u7", "#server-to-user-u7")
+    body = {"name": "notice", "data": "hi", "channel": "#server-to-user-u7"}
+    code, reply = await fetch(server, EVENTS, method="POST", body=body)
+    assert (code, orjson.loads(reply)) == (200, {})
+    assert (await raw.push("pub"))["pub"]["data"] == {"event": "notice", "data": "hi"}
+    # Listed nowhere: user channels are no app channels.
+    code, reply = await fetch(server, f"/apps/{APP_ID}/channels")
+    assert code == 200 and "#server-to-user-u7" not in orjson.loads(reply)["channels"]

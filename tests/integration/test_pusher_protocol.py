@@ -253,3 +253,34 @@ async def test_an_app_over_its_connection_quota_is_refused(make_server: ServerFa
     await wait_for(lambda: len(server.node.sessions) == 1)
     again = await open_pusher(server)
     assert again.socket_id and second.socket_id
+
+
+def user_auth(socket_id: str, user_data: str) -> str:
+    return "app-key:" + sign(APP["secret"], f"{socket_id}::user::{user_data}")  # type: ignore[arg-type]
+
+
+async def test_signin_gives_the_connection_its_user_and_channel(pusher_server: Running) -> None:
+    ws = await open_pusher(pusher_server)
+    user_data = orjson.dumps({"id": "u7", "user_info": {"name": "Ann"}}).decode()
+    ws.send("pusher:signin", {"auth": user_auth("1.1", user_data), "user_data": user_data})
+    error = await ws.expect("pusher:signin_error")
+    assert "signature" in error["data"]["error"]
+    ws.send("pusher:signin", {"auth": user_auth(ws.socket_id, user_data), "user_data": user_data})
+    ok = await ws.expect("pusher:signin_success")
+    assert orjson.loads(ok["data"]["user_data"]) == {"id": "u7", "user_info": {"name": "Ann"}}
+    await wait_for(lambda: [s.user for s in pusher_server.node.sessions.values()] == ["u7"])
+    # pusher-js then subscribes to the user's channel: already done.
+    await ws.subscribe("#server-to-user-u7")
+    await pusher_server.api().publish(
+        f"{NS}:#server-to-user-u7", {"event": "notice", "data": "for ann"}
+    )
+    notice = await ws.expect("notice")
+    assert notice["channel"] == "#server-to-user-u7" and notice["data"] == "for ann"
+    # Nobody subscribes to another user's channel.
+    other = await open_pusher(pusher_server)
+    other.send("pusher:subscribe", {"channel": "#server-to-user-u7"})
+    refused = await other.expect("pusher:subscription_error")
+    assert refused["channel"] == "#server-to-user-u7"
+    # The user's connections can be ended by user id.
+    await pusher_server.node.disconnect_user("u7")
+    assert await ws.recv() is None
