@@ -8,27 +8,36 @@ expectations step by step and exits non-zero on the first that does not
 hold. This test holds a real Squall (``make_server``, one Pusher app) and
 answers the script's requests over stdin/stdout JSON lines: publishing a
 Pusher event through Squall's own HTTP API (the envelope of
-``server/pusher.py``), a plain Squall publication, and restarting the server
-on the same port. What the SDK saw is then checked once more here.
+``server/pusher.py``), a plain Squall publication, restarting the server
+on the same port, and, for the encrypted channels, triggering an event with
+Pusher's own Python server SDK (PyPI ``pusher``, which encrypts it with the
+app's encryption master key) through Squall's Pusher HTTP API. What the SDK
+saw is then checked once more here.
+
+The app id is numeric (``1234``), as Pusher's server SDKs require.
 
 ``PusherSdkRun`` and ``restart`` also serve the Java SDK's test
-(``test_sdk_pusher_java.py``).
+(``test_sdk_pusher_java.py``); ``PusherSdkRun`` and ``server_sdk`` the
+cluster's (``test_pusher_cluster.py``: two nodes behind HAProxy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
+import pusher
 import pytest
 import tornado.httpserver
 import tornado.netutil
@@ -41,11 +50,16 @@ from tests.services import ROOT, require
 JS_DIR = ROOT / "tests" / "js"
 SCRIPT = JS_DIR / "pusher_sdk.mjs"
 
-APP_ID = "app1"
+APP_ID = "1234"
 APP_KEY = "app-key"
 APP_SECRET = "app-secret-0123456789"
-# Pusher channel `x` of the app is Squall channel `pusher-app1:x`.
+# Pusher channel `x` of the app is Squall channel `pusher-1234:x`.
 NAMESPACE = f"pusher-{APP_ID}"
+# The app's end-to-end encryption key (32 bytes): the server SDK and the
+# app's auth endpoint have it; Squall never does.
+ENCRYPTION_MASTER_KEY_BASE64 = base64.b64encode(
+    hashlib.sha256(b"squall pusher-js encrypted channels").digest()
+).decode()
 PUSHER_CONFIG: dict[str, Any] = {
     "pusher": {
         "apps": [
@@ -68,6 +82,7 @@ SCENARIOS = [
     "bad_signature",
     "unknown_key",
     "reconnect",
+    "encrypted",
 ]
 # A whole scenario; the reconnect one may wait out one of the SDK's 15 s
 # connection timeouts while the server is down.
@@ -91,6 +106,42 @@ async def restart(run: Running) -> None:
     http = tornado.httpserver.HTTPServer(make_app(node), max_body_size=max_body_size(node))
     http.add_sockets(sockets)
     run.node, run.http = node, http
+
+
+@contextlib.contextmanager
+def server_sdk(port: int, host: str = "127.0.0.1") -> Iterator[pusher.Pusher]:
+    """Pusher's Python server SDK pointed at a Squall (or a balancer in front
+    of some), with the app's encryption master key; its HTTP sessions closed
+    afterwards. It is synchronous: call it with ``asyncio.to_thread``."""
+    client = pusher.Pusher(
+        app_id=APP_ID,
+        key=APP_KEY,
+        secret=APP_SECRET,
+        host=host,
+        port=port,
+        ssl=False,
+        encryption_master_key_base64=ENCRYPTION_MASTER_KEY_BASE64,
+    )
+    try:
+        yield client
+    finally:
+        client._pusher_client.http.session.close()
+        client._authentication_client.http.session.close()
+
+
+def sdk_trigger(port: int, channel: str, event: str, data: Any) -> Any:
+    """Trigger one event with the server SDK (encrypted by it on a
+    ``private-encrypted-`` channel); what the HTTP API answered."""
+    with server_sdk(port) as client:
+        return client.trigger(channel, event, data)
+
+
+def sdk_authenticate(channel: str, socket_id: str) -> dict[str, str]:
+    """The server SDK's authorization of a socket for a channel, JSON-ready
+    (it gives the shared secret of an encrypted channel as bytes)."""
+    with server_sdk(0) as client:
+        reply = client.authenticate(channel=channel, socket_id=socket_id)
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in reply.items()}
 
 
 async def _pump(stream: asyncio.StreamReader | None, lines: asyncio.Queue[str | None]) -> None:
@@ -217,6 +268,12 @@ class PusherSdkRun:
             await restart(self.server)
             self.restarts += 1
             return {"restarted": True}
+        if op == "trigger_encrypted":
+            return await asyncio.to_thread(
+                sdk_trigger, self.server.port, request["channel"], request["event"], request["data"]
+            )
+        if op == "authenticate":
+            return sdk_authenticate(request["channel"], request["socket_id"])
         raise ValueError(f"unknown request {op!r}")
 
     def fail(self, why: str, errors: asyncio.Queue[str | None]) -> NoReturn:
@@ -267,6 +324,7 @@ async def run_scenario(node: str, server: Running, scenario: str) -> list[dict[s
         "KEY": APP_KEY,
         "SECRET": APP_SECRET,
         "SCENARIO": scenario,
+        "ENCRYPTION_MASTER_KEY_BASE64": ENCRYPTION_MASTER_KEY_BASE64,
     }
     run = PusherSdkRun(server, f"pusher-js scenario {scenario!r}", [node, str(SCRIPT)], env)
     timeout = RUN_TIMEOUT_RECONNECT if scenario == "reconnect" else RUN_TIMEOUT
@@ -324,6 +382,20 @@ async def test_pusher_js_sdk(node: str, make_server: ServerFactory, scenario: st
         assert named(events, "codes")[0]["codes"][0] == 4001
         connecting = [e for e in named(events, "eve.state") if e["current"] == "connecting"]
         assert len(connecting) == 1
+    elif scenario == "encrypted":
+        ch = "private-encrypted-vault"
+        payload = {"msg": "top secret", "n": 1, "text": "h\u00e9llo \u2713"}
+        assert [e["data"] for e in named(events, f"alice.{ch}.secret")] == [payload]
+        assert [e["data"] for e in named(events, f"bob.{ch}.secret")] == [payload]
+        assert [e["data"] for e in named(events, f"bob.{ch}.note")] == ["plain words, not JSON"]
+        # What travelled was the server SDK's ciphertext, which Squall cannot read.
+        [wire] = [e["data"] for e in named(events, "wire")]
+        assert sorted(wire) == ["ciphertext", "nonce"]
+        assert "top secret" not in json.dumps(wire)
+        [refusal] = [e["error"] for e in named(events, "server_refusal")]
+        assert refusal["type"] == "PusherError", refusal
+        assert "encrypted" in refusal["data"]["message"], refusal
+        assert named(events, f"bob.{ch}.client-leak") == []
     else:
         assert named(events, "server.restarted")[0]["restarted"] is True
         news = [e["data"]["n"] for e in named(events, "alice.news.headline")]

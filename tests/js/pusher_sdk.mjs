@@ -4,12 +4,18 @@
 //   HOST=127.0.0.1 PORT=N KEY=app-key SECRET=... SCENARIO=NAME node pusher_sdk.mjs
 //
 // SCENARIO is one of: public, private, presence, presence_same_user,
-// client_events, bad_signature, unknown_key, reconnect.
+// client_events, bad_signature, unknown_key, reconnect, encrypted, and
+// presence_cluster (HOST:PORT is then a balancer in front of several nodes:
+// tests/integration/test_pusher_cluster.py).
 //
 // Private and presence channels are authorized with the SDK's own flow
 // (channelAuthorization.customHandler); the handler signs here, with the
 // app's secret, exactly as a Pusher server SDK would:
 //   auth = KEY + ":" + hex HMAC-SHA256(SECRET, socket_id:channel[:channel_data])
+// and, for private-encrypted- channels, the channel's key as the server SDKs
+// derive it from the app's encryption master key (ENCRYPTION_MASTER_KEY_BASE64,
+// 32 bytes; the server itself never sees it):
+//   shared_secret = base64 SHA256(utf8(channel) || master_key_bytes)
 //
 // The harness (tests/integration/test_sdk_pusher_js.py) holds the server.
 // Both sides speak JSON lines:
@@ -23,7 +29,23 @@
 //                                   through Squall's HTTP API in the envelope
 //   publish_raw {channel, data}     a plain Squall publication (any JSON value)
 //   restart {}                      stop the server, start it again on the same port
-import { createHmac } from "node:crypto";
+//   trigger_encrypted {channel, event, data}
+//                                   the event triggered by Pusher's Python server
+//                                   SDK (PyPI `pusher`, with the master key), which
+//                                   encrypts it, through Squall's Pusher HTTP API
+//   authenticate {channel, socket_id}
+//                                   that SDK's own channel authorization ({auth,
+//                                   shared_secret}), to check ours against it
+// and, in the cluster's harness (presence_cluster):
+//   nodes_of {socket_ids: {label: id}}
+//                                   the index of the node each socket lives on
+//   trigger {channel, event, data, via}
+//                                   the event triggered by the Python server SDK
+//                                   through the balancer (via "balancer") or
+//                                   straight to node `via` (an index)
+//   channel_info {channel}          that SDK's channel_info (user_count,
+//                                   subscription_count) and users_info: {info, users}
+import { createHash, createHmac } from "node:crypto";
 import { createRequire } from "node:module";
 import { inspect } from "node:util";
 import { ask, check, emit, equal, fail, plain, sleep, until, within, WAIT_MS } from "./sdk_harness.mjs";
@@ -34,6 +56,7 @@ const PORT = Number(process.env.PORT);
 const KEY = process.env.KEY;
 const SECRET = process.env.SECRET;
 const SCENARIO = process.env.SCENARIO;
+const MASTER_KEY_BASE64 = process.env.ENCRYPTION_MASTER_KEY_BASE64 || "";
 const DEBUG = process.env.SDK_DEBUG === "1";
 // A reconnect after a restart: pusher-js waits 1 s after a close, and a
 // connection attempt that fails while the server is down is only retried
@@ -50,7 +73,17 @@ function sign(secret, message) {
   return createHmac("sha256", secret).update(message).digest("hex");
 }
 
+// The key of an encrypted channel, as Pusher's server SDKs derive it.
+function sharedSecret(channelName) {
+  const master = Buffer.from(MASTER_KEY_BASE64, "base64");
+  check(master.length === 32, "ENCRYPTION_MASTER_KEY_BASE64 is 32 bytes of base64", MASTER_KEY_BASE64);
+  return createHash("sha256").update(Buffer.concat([Buffer.from(channelName, "utf8"), master])).digest("base64");
+}
+
 function channelAuth({ socketId, channelName }, { user, secret = SECRET, claimed } = {}) {
+  if (channelName.startsWith("private-encrypted-")) {
+    return { auth: `${KEY}:${sign(secret, `${socketId}:${channelName}`)}`, shared_secret: sharedSecret(channelName) };
+  }
   if (!channelName.startsWith("presence-")) {
     return { auth: `${KEY}:${sign(secret, `${socketId}:${channelName}`)}` };
   }
@@ -84,7 +117,7 @@ class SdkClient {
     this.states = newLog(); // state_change {previous, current}
     this.errors = newLog(); // connection 'error' events
     this.frames = newLog(); // every event the connection received (name, channel, data)
-    this.sent = newLog(); // every event the SDK sent (name, channel)
+    this.sent = newLog(); // every event the SDK sent (name, channel, the keys of its data)
     this.authCalls = []; // the customHandler's params, in order
     this.channels = {};
     this.pusher = new Pusher(key, {
@@ -126,7 +159,7 @@ class SdkClient {
     // What the SDK sends (the channel layer's pusher:subscribe, client events, ...).
     const sendEvent = connection.send_event.bind(connection);
     connection.send_event = (name, data, channel) => {
-      this.sent.push({ name, channel });
+      this.sent.push({ name, channel, keys: definedKeys(data) });
       emit(`${label}.send`, { name, channel, data: name === "pusher:subscribe" ? { ...data, auth: "<sig>" } : data });
       return sendEvent(name, data, channel);
     };
@@ -180,6 +213,10 @@ class SdkClient {
   disconnect() {
     this.pusher.disconnect();
   }
+}
+
+function definedKeys(data) {
+  return data && typeof data === "object" ? Object.keys(data).filter((k) => data[k] !== undefined).sort() : [];
 }
 
 function serializeError(error) {
@@ -492,6 +529,183 @@ scenarios.reconnect = async () => {
   equal(alice.events("private-news", "headline")[0].data, { n: 2 }, "headline on private-news");
   emit("states", { states: alice.states.map((s) => s.name) });
   alice.disconnect();
+};
+
+// An end-to-end encrypted channel: Squall authorizes it like a private one
+// and relays the server SDK's ciphertext; pusher-js decrypts it with the
+// shared_secret of the app's authorization (derived here as the server SDKs
+// do, and checked against Pusher's Python SDK). Client events are refused.
+scenarios.encrypted = async () => {
+  const CH = "private-encrypted-vault";
+  const alice = new SdkClient("alice");
+  const bob = new SdkClient("bob");
+  const [aliceId, bobId] = await Promise.all([alice.connected(), bob.connected()]);
+  alice.subscribe(CH);
+  bob.subscribe(CH);
+  const [succeeded] = await Promise.all([alice.subscribed(CH), bob.subscribed(CH)]);
+  equal(succeeded, {}, "pusher:subscription_succeeded data of an encrypted channel");
+  equal(alice.authCalls, [{ socketId: aliceId, channelName: CH }], "alice's authorization requests");
+  equal(bob.authCalls, [{ socketId: bobId, channelName: CH }], "bob's authorization requests");
+  // The SDK sends only `auth`: the channel's key never reaches the server.
+  equal(alice.sent.of("pusher:subscribe").map((e) => e.keys), [["auth", "channel"]], "what alice's pusher:subscribe holds");
+
+  // Our derivation is the server SDK's: its own authorization for alice's socket.
+  const official = await ask("authenticate", { channel: CH, socket_id: aliceId });
+  equal(channelAuth({ socketId: aliceId, channelName: CH }, {}), official, "auth and shared_secret as Pusher's Python SDK makes them");
+
+  const payload = { msg: "top secret", n: 1, text: "h\u00e9llo \u2713" };
+  equal(await ask("trigger_encrypted", { channel: CH, event: "secret", data: payload }), {}, "the HTTP API's answer");
+  await until(
+    () => alice.events(CH, "secret").length === 1 && bob.events(CH, "secret").length === 1,
+    "the encrypted event on alice and bob",
+  );
+  equal(alice.events(CH, "secret")[0].data, payload, "alice's decrypted data");
+  equal(bob.events(CH, "secret")[0].data, payload, "bob's decrypted data");
+  // On the wire it was ciphertext: the server relayed what the SDK encrypted.
+  const [wire] = alice.frames.of("secret");
+  check(
+    wire && wire.channel === CH && typeof wire.data === "object" && typeof wire.data.nonce === "string"
+      && typeof wire.data.ciphertext === "string",
+    "the frame carries {nonce, ciphertext}",
+    wire,
+  );
+  check(!JSON.stringify(wire.data).includes("top secret"), "no plaintext on the wire", wire);
+  emit("wire", { data: wire.data });
+
+  // Text that is not JSON comes out as the same text.
+  await ask("trigger_encrypted", { channel: CH, event: "note", data: "plain words, not JSON" });
+  await until(() => bob.events(CH, "note").length === 1, "the encrypted text event on bob");
+  equal(bob.events(CH, "note")[0].data, "plain words, not JSON", "bob's decrypted text");
+
+  // Client events: the SDK itself refuses them on an encrypted channel ...
+  let refusedBySdk = null;
+  try {
+    alice.channels[CH].channel.trigger("client-leak", { x: 1 });
+  } catch (err) {
+    refusedBySdk = err.message || String(err);
+  }
+  check(refusedBySdk !== null, "pusher-js refuses trigger() on an encrypted channel");
+  emit("sdk_refusal", { message: refusedBySdk });
+  // ... and the server refuses one sent past the SDK, with pusher:error.
+  const errorsBefore = alice.errors.length;
+  alice.pusher.send_event("client-leak", { x: 1 }, CH);
+  await until(() => alice.errors.length > errorsBefore, "the server's pusher:error for the client event");
+  const refusal = alice.errors[errorsBefore].data;
+  check(refusal && refusal.type === "PusherError", "a pusher:error answers the client event", refusal);
+  emit("server_refusal", { error: refusal });
+  // An event after the refusal: the client event, had it been published, came first.
+  await ask("trigger_encrypted", { channel: CH, event: "sentinel", data: { last: true } });
+  await until(() => bob.events(CH, "sentinel").length === 1, "the sentinel on bob");
+  equal(bob.frames.of("client-leak"), [], "client event frames delivered to bob");
+  equal(alice.frames.of("client-leak"), [], "client event frames echoed to alice");
+  equal([alice.state, bob.state], ["connected", "connected"], "states after the refusal");
+  equal(bob.errors.length, 0, "bob's connection errors");
+  alice.disconnect();
+  bob.disconnect();
+};
+
+// Behind a balancer, on several nodes sharing Redis: clients on different
+// nodes see one presence channel (members, member_added/removed), a client
+// event crosses from one node to the other, and an event triggered through
+// the HTTP API of any node (the Python server SDK) reaches everyone.
+scenarios.presence_cluster = async () => {
+  const CH = "presence-cluster";
+  const people = {
+    alice: { id: "alice", info: { name: "Alice" } },
+    bob: { id: "bob", info: { name: "Bob" } },
+    carol: { id: "carol", info: { name: "Carol" } },
+  };
+  const everyone = (labels) => Object.fromEntries(labels.map((l) => [l, people[l].info]));
+  // One after the other, so that the balancer (leastconn) can spread them.
+  const clients = {};
+  const socketIds = {};
+  for (const label of ["alice", "bob", "carol"]) {
+    clients[label] = new SdkClient(label, { user: people[label] });
+    socketIds[label] = await clients[label].connected();
+  }
+  const { alice, bob, carol } = clients;
+  const nodes = await ask("nodes_of", { socket_ids: socketIds });
+  emit("nodes", { nodes, socket_ids: socketIds });
+  check(
+    Number.isInteger(nodes.alice) && Number.isInteger(nodes.bob) && nodes.alice !== nodes.bob,
+    "alice and bob are on different nodes",
+    nodes,
+  );
+
+  // Members across nodes, and member_added from the other node.
+  alice.subscribe(CH);
+  equal(await alice.subscribed(CH), { count: 1, me: people.alice, members: everyone(["alice"]) }, "alice's members");
+  bob.subscribe(CH);
+  equal(await bob.subscribed(CH), {
+    count: 2,
+    me: people.bob,
+    members: everyone(["alice", "bob"]),
+  }, "bob's members (alice is on the other node)");
+  await until(() => alice.events(CH, "pusher:member_added").length === 1, "alice to see bob added (from the other node)");
+  equal(alice.events(CH, "pusher:member_added")[0].data, people.bob, "alice's member_added");
+  carol.subscribe(CH);
+  equal(await carol.subscribed(CH), {
+    count: 3,
+    me: people.carol,
+    members: everyone(["alice", "bob", "carol"]),
+  }, "carol's members");
+  await until(
+    () => alice.events(CH, "pusher:member_added").length === 2 && bob.events(CH, "pusher:member_added").length === 1,
+    "alice and bob to see carol added",
+  );
+  equal(alice.events(CH, "pusher:member_added")[1].data, people.carol, "alice's second member_added");
+  equal(bob.events(CH, "pusher:member_added")[0].data, people.carol, "bob's member_added");
+  equal(bob.events(CH, "pusher:member_added").length + carol.events(CH, "pusher:member_added").length, 1, "member_added for those already there");
+
+  // The HTTP API counts the cluster, whichever node answers.
+  const counted = await ask("channel_info", { channel: CH });
+  equal(counted, {
+    info: { occupied: true, user_count: 3, subscription_count: 3 },
+    users: ["alice", "bob", "carol"],
+  }, "channel_info and users_info through the balancer");
+
+  // A client event from alice's node to bob's, with alice's user id; not echoed.
+  const got = { bob: [], carol: [] };
+  for (const label of ["bob", "carol"]) {
+    clients[label].channels[CH].channel.bind("client-wave", (data, metadata) => got[label].push({ data, metadata }));
+  }
+  check(alice.channels[CH].channel.trigger("client-wave", { from: "alice" }) === true, "alice's trigger() sent");
+  await until(() => got.bob.length === 1 && got.carol.length === 1, "bob and carol to get alice's client event");
+  equal(got.bob[0], { data: { from: "alice" }, metadata: { user_id: "alice" } }, "bob's client event (across nodes)");
+  equal(got.carol[0], got.bob[0], "carol's client event");
+  await ask("trigger", { channel: CH, event: "sentinel", data: { n: 1 }, via: "balancer" });
+  await until(() => alice.events(CH, "sentinel").length === 1, "the sentinel on alice");
+  equal(alice.events(CH, "client-wave").length, 0, "client events echoed to their sender");
+
+  // Events triggered by the server SDK: through the balancer, then at each node.
+  const vias = ["balancer", ...new Set([nodes.alice, nodes.bob, nodes.carol])];
+  for (const via of vias) {
+    const reply = await ask("trigger", { channel: CH, event: "announce", data: { via }, via });
+    equal(reply, {}, `the HTTP API's answer (via ${via})`);
+  }
+  await until(
+    () => ["alice", "bob", "carol"].every((l) => clients[l].events(CH, "announce").length === vias.length),
+    "every announce on every client",
+  );
+  for (const label of ["alice", "bob", "carol"]) {
+    equal(clients[label].events(CH, "announce").map((e) => e.data.via), vias, `${label}'s announces, in order`);
+  }
+
+  // Leaving: member_removed on the other nodes, the member lists shrink.
+  carol.disconnect();
+  await until(
+    () => alice.events(CH, "pusher:member_removed").length === 1 && bob.events(CH, "pusher:member_removed").length === 1,
+    "alice and bob to see carol removed",
+  );
+  equal(alice.events(CH, "pusher:member_removed")[0].data, people.carol, "alice's member_removed");
+  equal(bob.events(CH, "pusher:member_removed")[0].data, people.carol, "bob's member_removed");
+  bob.disconnect();
+  await until(() => alice.events(CH, "pusher:member_removed").length === 2, "alice to see bob removed (from the other node)");
+  equal(alice.events(CH, "pusher:member_removed")[1].data, people.bob, "alice's second member_removed");
+  equal(members(alice.channels[CH].channel), { count: 1, me: people.alice, members: everyone(["alice"]) }, "alice's members at the end");
+  equal(alice.errors.length + bob.errors.length + carol.errors.length, 0, "connection errors");
+  alice.disconnect();
+  emit("socket_ids", { socket_ids: socketIds });
 };
 
 // ---- run --------------------------------------------------------------------------
