@@ -17,10 +17,12 @@ if TYPE_CHECKING:
 
 
 class Hub:
-    __slots__ = ("_channels", "_flusher")
+    __slots__ = ("_channels", "_flusher", "_sessions")
 
-    def __init__(self, flusher: Flusher) -> None:
+    def __init__(self, flusher: Flusher, sessions: dict[str, Session] | None = None) -> None:
         self._flusher = flusher
+        # This process's sessions by client id (the node's own dict).
+        self._sessions: dict[str, Session] = {} if sessions is None else sessions
         # channel -> codec -> sessions; dicts as insertion-ordered sets:
         # iteration is cheap and stable.
         self._channels: dict[str, dict[Codec, dict[Session, None]]] = {}
@@ -62,15 +64,13 @@ class Hub:
         count = 0
         fan_out = self._flusher.fan_out
         for codec, subs in groups.items():
+            sender = None
             if codec.skip_publisher and pub.info is not None:
+                sender = self._sessions.get(pub.info.client)
+            if sender is not None and sender in subs:
                 # (Pusher: a client event is not echoed to its sender.)
-                publisher = pub.info.client
-                fan_out(
-                    [s for s in subs if s.client_id != publisher],
-                    pub.channel,
-                    pub.offset,
-                    codec.pub(pub),
-                )
+                others = [s for s in subs if s is not sender]
+                fan_out(others, pub.channel, pub.offset, codec.pub(pub))
             else:
                 fan_out(subs, pub.channel, pub.offset, codec.pub(pub))
             count += len(subs)

@@ -147,8 +147,8 @@ class Node:
             self.webhooks = WebhookSender(settings.pusher)
         self.metrics = Metrics(self)
         self.flusher = Flusher(self.metrics)
-        self.hub = Hub(self.flusher)
         self.sessions: dict[str, Session] = {}
+        self.hub = Hub(self.flusher, self.sessions)
         # Open sessions per codec (a Pusher app's quota counts its own).
         self.codec_sessions: dict[Codec, int] = {}
         self.users: dict[str, dict[Session, None]] = {}
