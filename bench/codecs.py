@@ -27,6 +27,7 @@ import statistics
 
 import uvloop
 
+from bench.pair import MODES, add_arguments, publications
 from bench.run import (
     CODEC_PEERS,
     PEERS,
@@ -38,15 +39,6 @@ from bench.run import (
 )
 
 CODEC_TARGET = 1.15  # each Centrifugo codec's CPU per delivery ÷ Squall's own
-MODES = {"max": "as fast as accepted", "rate": "fixed rate"}
-
-
-def publications(subscribers: int, mode: str, args: argparse.Namespace) -> int:
-    """As fast as accepted: about ``--deliveries`` deliveries (30 to 1,000
-    publications); at a rate: ``--seconds`` of it."""
-    if mode == "max":
-        return min(1000, max(30, args.deliveries // subscribers))
-    return max(5, round(args.delivery_rate / subscribers * args.seconds))
 
 
 def comparison(results: list[Result], peers: list[str], delivery_rate: float) -> str:
@@ -102,26 +94,11 @@ def comparison(results: list[Result], peers: list[str], delivery_rate: float) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", default=CODEC_PEERS, help=f"of: {', '.join(PEERS)}")
-    parser.add_argument("--subscribers", default="100,1000,10000")
-    parser.add_argument("--modes", default="max,rate", help="max (as fast as accepted), rate")
-    parser.add_argument("--reps", type=int, default=3)
+    add_arguments(parser)
+    parser.set_defaults(subscribers="100,1000,10000", modes="max,rate", seconds=6)
     parser.add_argument(
         "--reps-large", type=int, default=3, help="repetitions at 10,000 subscribers and more"
     )
-    parser.add_argument(
-        "--delivery-rate",
-        type=float,
-        default=10000,
-        help="deliveries/s of the fixed-rate mode (publications/s = this ÷ subscribers)",
-    )
-    parser.add_argument("--seconds", type=float, default=6, help="length of a fixed-rate run")
-    parser.add_argument(
-        "--deliveries",
-        type=int,
-        default=300000,
-        help="as fast as accepted: publications enough for this many deliveries (30 to 1,000)",
-    )
-    parser.add_argument("--size", type=int, default=100, help="padding bytes per publication")
     parser.add_argument(
         "--publish",
         choices=("http", "ws"),

@@ -41,6 +41,7 @@ from bench.wsproto import (
     CentrifugeJSON,
     CentrifugeProtobuf,
     HttpPublisher,
+    PusherSubscriber,
     SSESubscriber,
     Subscriber,
     delimited,
@@ -53,8 +54,16 @@ RESULTS = ROOT / "bench" / "results"
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 API_KEY = "bench-api-key-0123456789"
 PROFILE = ""  # set by --profile NAME: Squall runs under py-spy
+# A Pusher app (docs/pusher.md): its channels live in the namespace
+# pusher-1234, so the Pusher channel "fanout" is Squall's "pusher-1234:fanout".
+PUSHER_KEY = "bench-key"
+PUSHER_NAMESPACE = "pusher-1234"
 
-SQUALL_CONFIG = """
+# The app's namespace is configured as the ``bench`` one (history, recovery,
+# publishing clients) with what an app's namespace needs (presence) and has
+# by default (join/leave); public, so the Squall publisher may publish to it
+# without subscribing (an app's default namespace is private).
+SQUALL_CONFIG = f"""
 [limits]
 commands_per_second = 1000000.0
 command_burst = 1000000
@@ -64,6 +73,17 @@ allow_publish = true
 history_size = 100
 history_ttl = 600.0
 recover = true
+[namespaces.{PUSHER_NAMESPACE}]
+allow_publish = true
+history_size = 100
+history_ttl = 600.0
+recover = true
+presence = true
+join_leave = true
+[[pusher.apps]]
+id = "1234"
+key = "{PUSHER_KEY}"
+secret = "bench-pusher-secret-0123456789"
 """
 
 
@@ -212,6 +232,15 @@ PEERS["squall_sse"] = Peer(
     path="/connection/sse",
     publisher_path="/connection/websocket",
 )
+# Squall's subscribers speaking the Pusher protocol (pusher-js's URL) on a
+# public channel of the bench's app; the same Squall publisher, on the
+# app's namespace.
+PEERS["squall_pusher"] = Peer(
+    PEERS["squall"].cmd,
+    client=PusherSubscriber,
+    path=f"/app/{PUSHER_KEY}?protocol=7",
+    publisher_path="/connection/websocket",
+)
 CODEC_PEERS = "squall,squall_cf_json,squall_cf_protobuf,centrifugo"
 DEFAULT_PEERS = "raw_asyncio,plain_tornado,python_socketio,node_ws,node_socketio,squall"
 
@@ -306,9 +335,23 @@ def squall_token(user: str) -> str:
     return mint_token(AuthSettings(token_secret=SECRET), sub=user, ttl=3600)
 
 
+def squall_channel(peer: str, channel: str = "") -> str:
+    """The Squall channel of ``channel`` (c17, ...; empty: the fan-out
+    channel): in the ``bench`` namespace, or the Pusher app's for the
+    Pusher peer."""
+    namespace = PUSHER_NAMESPACE if peer == "squall_pusher" else "bench"
+    return f"{namespace}:{channel or 'fanout'}"
+
+
 def hello(peer: str, user: str, channels: Sequence[str] = ()) -> list[bytes]:
     """What a subscriber sends once the handshake is done: to subscribe to
     ``channels`` (c17, ...) or, when none, to the one fan-out channel."""
+    if PEERS[peer].client is PusherSubscriber:
+        # Public channels: no auth. Sent once the connection is established.
+        return [
+            b'{"event":"pusher:subscribe","data":{"channel":"%s"}}' % name.encode()
+            for name in (channels or ["fanout"])
+        ]
     names = [f"bench:{channel}" for channel in channels] or ["bench:fanout"]
     if PEERS[peer].client is SSESubscriber:
         query = "&".join(f"channel={name}" for name in names)
@@ -370,7 +413,7 @@ def message(peer: str, n: int, pad: str, channel: str = "", publish: str = "ws")
     data: dict[str, Any] = (
         {"n": n, "t": time.time(), "pad": pad} if n else {"w": 1, "t": time.time()}
     )
-    name = f"bench:{channel}" if channel else "bench:fanout"
+    name = squall_channel(peer, channel)
     if publish == "http":
         return json.dumps({"channel": name, "data": data}, separators=(",", ":")).encode()
     if peer == "centrifugo":

@@ -24,36 +24,12 @@ import statistics
 import uvloop
 
 from bench import idle
-from bench.codecs import MODES, publications
-from bench.run import Result, one_run, raise_fd_limit, summarize, write_results
+from bench.pair import add_arguments, ratio_table, run_in_turns
+from bench.run import raise_fd_limit, summarize, write_results
 
 DELIVERY_TARGET = 1.3  # SSE CPU per delivery ÷ WebSocket's, at 10,000 deliveries/s
 IDLE_TARGET = 1.5  # SSE memory per idle connection ÷ WebSocket's
 PEERS = ("squall", "squall_sse")
-
-
-def comparison(results: list[Result], delivery_rate: float) -> str:
-    groups: dict[tuple[int, str, str], list[float]] = {}
-    for r in results:
-        mode = "rate" if r.rate else "max"
-        groups.setdefault((r.subscribers, mode, r.peer), []).append(r.cpu_us_per_delivery)
-    lines = [
-        "| subscribers | publishing | WebSocket µs/delivery | SSE µs/delivery | SSE ÷ WebSocket"
-        f" | target ≤ {DELIVERY_TARGET}× |",
-        "| ---: | --- | ---: | ---: | ---: | --- |",
-    ]
-    for n in sorted({r.subscribers for r in results}):
-        for mode, label in MODES.items():
-            ws = groups.get((n, mode, "squall"))
-            sse = groups.get((n, mode, "squall_sse"))
-            if not ws or not sse:
-                continue
-            a, b = statistics.median(ws), statistics.median(sse)
-            if mode == "rate":
-                label = f"{delivery_rate:,.0f} deliveries/s"
-            verdict = ("met" if b / a <= DELIVERY_TARGET else "MISSED") if mode == "rate" else "–"
-            lines.append(f"| {n:,} | {label} | {a:.2f} | {b:.2f} | {b / a:.2f} | {verdict} |")
-    return "\n".join(lines)
 
 
 def idle_comparison(results: list[idle.IdleResult]) -> str:
@@ -76,25 +52,7 @@ def idle_comparison(results: list[idle.IdleResult]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subscribers", default="1000,10000")
-    parser.add_argument(
-        "--modes", default="rate,max", help="rate (fixed), max (as fast as accepted)"
-    )
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument(
-        "--delivery-rate",
-        type=float,
-        default=10000,
-        help="deliveries/s of the fixed-rate mode (publications/s = this ÷ subscribers)",
-    )
-    parser.add_argument("--seconds", type=float, default=8, help="length of a fixed-rate run")
-    parser.add_argument(
-        "--deliveries",
-        type=int,
-        default=300000,
-        help="as fast as accepted: publications enough for this many deliveries (30 to 1,000)",
-    )
-    parser.add_argument("--size", type=int, default=100, help="padding bytes per publication")
+    add_arguments(parser)
     parser.add_argument(
         "--idle", type=int, default=5000, help="idle connections per memory run (0: none)"
     )
@@ -104,30 +62,7 @@ def main() -> None:
     raise_fd_limit(max([*sizes, args.idle]) + 1000)
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
-    results: list[Result] = []
-    failures: list[str] = []
-    for n in sizes:
-        for mode in args.modes.split(","):
-            rate = args.delivery_rate / n if mode == "rate" else 0.0
-            count = publications(n, mode, args)
-            for rep in range(args.reps):
-                # The two take turns within a repetition, so the machine's
-                # moods fall on both alike.
-                for peer in PEERS:
-                    try:
-                        r = uvloop.run(one_run(peer, n, count, rate, args.size, scenario=mode))
-                    except (RuntimeError, TimeoutError, OSError) as exc:
-                        print(f"{peer:12} subs={n:6} {mode} rep={rep} FAILED: {exc!r}", flush=True)
-                        failures.append(f"{peer}, {n:,} subscribers, {mode}: {exc!r}")
-                        continue
-                    print(
-                        f"{peer:12} subs={n:6} {mode:4} rep={rep} {r.deliveries_per_s:10,.0f}/s "
-                        f"{r.cpu_us_per_delivery:7.2f} µs/delivery p99={r.p99_ms:.1f}ms "
-                        f"frames/delivery={r.frames_per_delivery:.3f} lost={r.lost} "
-                        f"dup={r.duplicated}{' CLIENT-BOUND' if r.client_bound else ''}",
-                        flush=True,
-                    )
-                    results.append(r)
+    results, failures = run_in_turns(PEERS, args)
     idle_results: list[idle.IdleResult] = []
     if args.idle:
         for rep in range(args.reps):
@@ -141,7 +76,14 @@ def main() -> None:
                 idle_results.append(m)
     table = (
         "Server CPU µs per delivery (median of the repetitions), SSE against WebSocket:\n\n"
-        + comparison(results, args.delivery_rate)
+        + ratio_table(
+            results,
+            PEERS,
+            ("WebSocket", "SSE"),
+            DELIVERY_TARGET,
+            args.delivery_rate,
+            judge_max=False,
+        )
     )
     if idle_results:
         table += (

@@ -153,6 +153,8 @@ class Subscriber(asyncio.Protocol):
 
     # The opcode of the hello messages (binary for a binary protocol).
     hello_opcode = 0x1
+    # Where a publication's send time is (Pusher: inside a JSON string).
+    sent = SENT
 
     def on_text(self, payload: bytes) -> None:
         counted = self.count
@@ -179,7 +181,7 @@ class Subscriber(asyncio.Protocol):
             self.lost += n - self.last - 1
         self.last = n
         if self.latencies is not None:
-            t = SENT.search(line)
+            t = self.sent.search(line)
             if t is not None:
                 self.latencies.append(time.time() - float(t.group(1)))
 
@@ -322,6 +324,58 @@ class CentrifugeProtobuf(Subscriber):
                 self.seen(pub.offset, pub.data)
         if self.count > counted:
             self.frames += 1
+
+
+# ---- The Pusher Channels protocol (version 7) --------------------------------
+#
+# The server speaks first (``pusher:connection_established``); a subscriber
+# then sends ``pusher:subscribe`` and is ready on
+# ``pusher_internal:subscription_succeeded``. An event arrives alone in its
+# frame as ``{"event":..,"channel":..,"data":"<JSON text>"}``: the
+# generator's data is a JSON *string* there, so its fields are found in
+# their escaped form. Pusher events carry no offset: publications are
+# checked by their number in the data. The server's ``pusher:ping`` is
+# answered with ``pusher:pong``.
+
+PUSHER_SEQ = re.compile(rb'\\"n\\":(\d+)')
+PUSHER_SENT = re.compile(rb'\\"t\\":([0-9.]+)')
+PUSHER_PONG = b'{"event":"pusher:pong","data":{}}'
+
+
+class PusherSubscriber(Subscriber):
+    """A pusher-js on a raw socket: subscribes once the connection is
+    established, counts events by the number in their data, answers pings."""
+
+    sent = PUSHER_SENT
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # The subscribes wait for connection_established, and the subscriber
+        # is ready when they are answered, not when the handshake is done.
+        self.subscribe, self.hello = self.hello, []
+        self.on_ready, self.ready = self.ready, lambda: None
+        self.seq = PUSHER_SEQ
+        self.pending = len(self.subscribe)
+
+    def on_text(self, payload: bytes) -> None:
+        if payload.startswith(b'{"event":"pusher'):
+            assert self.transport is not None
+            if payload.startswith(b'{"event":"pusher:connection_established"'):
+                self.transport.write(b"".join(frame(m) for m in self.subscribe))
+            elif payload.startswith(b'{"event":"pusher_internal:subscription_succeeded"'):
+                self.pending -= 1
+                if self.pending == 0:
+                    self.on_ready()
+            elif payload.startswith(b'{"event":"pusher:ping"'):
+                self.transport.write(frame(PUSHER_PONG))
+            return  # errors and the rest: not publications
+        m = PUSHER_SEQ.search(payload)
+        if m is None:
+            if b'\\"w\\":1' in payload:
+                self.warm += 1
+            return
+        self.seen(int(m.group(1)), payload)
+        self.frames += 1
 
 
 CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
