@@ -14,6 +14,7 @@ import tornado.websocket
 
 from server.pusher import sign
 from tests.conftest import Running, ServerFactory, wait_for
+from tests.integration.test_centrifuge_cross_protocol import CentJSON
 
 APP = {
     "id": "1234",
@@ -284,3 +285,71 @@ async def test_signin_gives_the_connection_its_user_and_channel(pusher_server: R
     # The user's connections can be ended by user id.
     await pusher_server.node.disconnect_user("u7")
     assert await ws.recv() is None
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def two_nodes(
+    request: pytest.FixtureRequest, make_server: ServerFactory, prefix: str
+) -> list[Running]:
+    """Two nodes on Redis, or one node twice on the embedded broker."""
+    config: dict[str, Any] = {"pusher": {"apps": [APP]}}
+    if request.param == "memory":
+        node = await make_server(config)
+        return [node, node]
+    redis = request.getfixturevalue("redis_server")
+    config["broker"] = {"url": redis.url, "prefix": prefix}
+    return [await make_server(config), await make_server(config)]
+
+
+async def test_one_channel_for_squall_centrifugo_and_pusher(two_nodes: list[Running]) -> None:
+    """A Pusher client's event and an HTTP API publication reach the
+    channel's Pusher, Squall-protocol and Centrifugo-protocol subscribers
+    on either node, with the channel's offsets; and the reverse."""
+    first, second = two_nodes
+    channel = f"{NS}:private-all"
+    pusher_a = await open_pusher(first)
+    await pusher_a.subscribe("private-all", auth=auth(pusher_a.socket_id, "private-all"))
+    pusher_b = await open_pusher(second)
+    await pusher_b.subscribe("private-all", auth=auth(pusher_b.socket_id, "private-all"))
+    squall = await second.connected("sam")
+    token = second.token("sam", channel=channel)
+    assert "result" in await squall.call("subscribe", {"channel": channel, "token": token})
+    cent = await CentJSON.open(second)
+    try:
+        await cent.call("connect", {"token": second.token("cara")})
+        await cent.call(
+            "subscribe", {"channel": channel, "token": second.token("cara", channel=channel)}
+        )
+        pusher_a.send("client-hi", {"n": 1}, channel="private-all")
+        assert (await pusher_b.expect("client-hi"))["data"] == {"n": 1}
+        pub = (await squall.push("pub"))["pub"]
+        assert pub["data"]["event"] == "client-hi" and pub["offset"] == 1
+        cent_pub = await cent.pub()
+        assert cent_pub["data"]["event"] == "client-hi" and cent_pub.get("offset") == 1
+        # The reverse: a Squall publication (through the other node's API).
+        await first.api().publish(channel, {"text": "all"})
+        for ws in (pusher_a, pusher_b):
+            assert (await ws.expect("message"))["data"] == {"text": "all"}
+        assert (await squall.push("pub"))["pub"]["offset"] == 2
+        assert (await cent.pub())["data"] == {"text": "all"}
+    finally:
+        cent.ws.close()
+
+
+async def test_apps_are_isolated(make_server: ServerFactory) -> None:
+    other = {"id": "5678", "key": "other-key", "secret": "other-secret-0123456789"}
+    server = await make_server({"pusher": {"apps": [APP, other]}})
+    mine = await open_pusher(server)
+    await mine.subscribe("news")
+    theirs = await open_pusher(server, key="other-key")
+    await theirs.subscribe("news")
+    await server.api().publish("pusher-5678:news", {"event": "theirs", "data": "x"})
+    assert (await theirs.expect("theirs"))["channel"] == "news"
+    # The same channel name of the first app heard nothing.
+    mine.send("pusher:ping", {})
+    assert (await mine.recv())["event"] == "pusher:pong"  # type: ignore[index]
+    # One app's signature opens nothing of the other's.
+    theirs.send(
+        "pusher:subscribe", {"channel": "private-a", "auth": auth(theirs.socket_id, "private-a")}
+    )
+    assert (await theirs.expect("pusher:subscription_error"))["data"]["status"] == 401
