@@ -34,7 +34,7 @@ import tornado.iostream
 import tornado.web
 
 from handlers.api import ApiMethods, CommandPipeline, Reply, presented_api_key
-from handlers.detached import Registry, UpgradeHandler, hand_over
+from handlers.detached import FlowControlled, Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import InvalidCommand, ProtocolViolation
 from server.errors import BAD_REQUEST, SHUTDOWN, SLOW
@@ -84,7 +84,7 @@ class ApiStreams(Registry["ApiStreamConnection"]):
             await asyncio.wait(pending, timeout=grace)
 
 
-class ApiStreamConnection(asyncio.Protocol):
+class ApiStreamConnection(FlowControlled):
     """One upgraded API connection."""
 
     def __init__(self, registry: ApiStreams, leftover: bytes) -> None:
@@ -97,8 +97,7 @@ class ApiStreamConnection(asyncio.Protocol):
         self.inbox_bytes = 0
         self._worker: asyncio.Task[None] | None = None
         self.reading_paused = False
-        self.write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        super().__init__()
         self._stall: asyncio.TimerHandle | None = None
         self._closing = False
         self._close_timer: asyncio.TimerHandle | None = None
@@ -155,19 +154,16 @@ class ApiStreamConnection(asyncio.Protocol):
                 return
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        super().pause_writing()
         if self._stall is None and not self._closing:
             loop = asyncio.get_running_loop()
             self._stall = loop.call_later(self._registry.stall_timeout, self._stalled)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -180,9 +176,7 @@ class ApiStreamConnection(asyncio.Protocol):
         self.inbox_bytes = 0
         self._out = []
         self._out_bytes = 0
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)  # the worker sees ``_closing`` and stops
+        self._end_drain()  # the worker sees ``_closing`` and stops
         self._transport = None
 
     # ---- closing ----------------------------------------------------------
@@ -286,9 +280,7 @@ class ApiStreamConnection(asyncio.Protocol):
     async def _writable(self) -> None:
         """Until the peer reads its replies (or the connection ends: the
         stall timer closes it)."""
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-        await self._drain
+        await self.drained()
 
     # ---- replies out ------------------------------------------------------
 

@@ -63,6 +63,42 @@ async def hand_over(
         raw.close()
 
 
+class FlowControlled(asyncio.Protocol):
+    """A protocol whose writes wait for the kernel: with the transport's
+    write buffer limit at 0, ``pause_writing`` comes as soon as the kernel
+    leaves bytes behind, and ``drained()`` resolves when it takes them."""
+
+    __slots__ = ("_drain", "write_paused")
+
+    def __init__(self) -> None:
+        self._drain: asyncio.Future[None] | None = None
+        self.write_paused = False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._end_drain()
+
+    def drained(self) -> asyncio.Future[None]:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+        return self._drain
+
+    def _end_drain(self, exc: BaseException | None = None) -> None:
+        """Resolve the waiter, or fail it with ``exc`` (retrieved: whoever
+        waits learns of it in its callback)."""
+        drain, self._drain = self._drain, None
+        if drain is None or drain.done():
+            return
+        if exc is None:
+            drain.set_result(None)
+        else:
+            drain.set_exception(exc)
+            drain.exception()
+
+
 class Registry(Generic[C]):
     """This process's connections of one kind. ``ping_interval`` 0: no pings;
     ``ping_timeout`` 0: pings expect no answer (``check`` is never called)."""

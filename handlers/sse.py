@@ -35,7 +35,7 @@ import orjson
 from tornado.httputil import format_timestamp
 
 from handlers.base import JSONHandler
-from handlers.detached import Registry, hand_over
+from handlers.detached import FlowControlled, Registry, hand_over
 from handlers.websocket import origin_allowed
 from server import errors, protocol
 from server.errors import SHUTDOWN, Disconnect, SquallError
@@ -188,7 +188,7 @@ class SSEConnections(Registry["SSEConnection"]):
         await self.close_all(lambda conn: conn.close(SHUTDOWN), grace)
 
 
-class SSEConnection(asyncio.Protocol):
+class SSEConnection(FlowControlled):
     """One event stream: the session's ``Transport``.
 
     Tornado hands the socket over as soon as the request is checked; the
@@ -201,7 +201,6 @@ class SSEConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked",
         "_closing",
-        "_drain",
         "_early",
         "_meta",
         "_registry",
@@ -212,7 +211,6 @@ class SSEConnection(asyncio.Protocol):
         "_timer",
         "_token",
         "_transport",
-        "_write_paused",
         "path",
         "positions",
         "session",
@@ -242,8 +240,7 @@ class SSEConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         # What the session sends before the response head is out.
         self._early: list[bytes] | None = []
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
+        super().__init__()
         self._closing: Disconnect | None = None
         self._session_gone = False
         self._timer: asyncio.TimerHandle | None = None
@@ -295,12 +292,8 @@ class SSEConnection(asyncio.Protocol):
         date = b"Date: " + format_timestamp(time.time()).encode() + b"\r\n\r\n"
         transport.write(b"".join([head, date, self._frame(RETRY), *early]))
         self._registry.add(self)
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            if self._write_paused:
-                self._drain = drain  # resolved when the kernel takes the rest
-            else:
-                drain.set_result(None)
+        if not self.write_paused:
+            self._end_drain()  # (else when the kernel takes the rest)
         if self._closing is not None:
             self._end(self._closing)
 
@@ -330,24 +323,12 @@ class SSEConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # the client went away: close
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._registry.discard(self)
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionResetError("stream closed"))
-            drain.exception()  # retrieved: the session learns of it in its callback
+        self._end_drain(ConnectionResetError("stream closed"))
         self._transport = None
         self._early = None
         self._session_closed()
@@ -375,11 +356,9 @@ class SSEConnection(asyncio.Protocol):
             if transport is None:
                 raise ConnectionResetError("stream closed")
             transport.write(data)
-            if not self._write_paused:
+            if not self.write_paused:
                 return None
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-        return self._drain
+        return self.drained()
 
     def close(self, disconnect: Disconnect) -> None:
         """End the stream with a last ``disconnect`` event."""
@@ -402,7 +381,7 @@ class SSEConnection(asyncio.Protocol):
         return _chunk(body) if self._chunked else body
 
     def ping(self) -> None:
-        if self._closing is None and self._transport is not None and not self._write_paused:
+        if self._closing is None and self._transport is not None and not self.write_paused:
             self._transport.write(self._frame(PING))
 
     def abort(self) -> None:

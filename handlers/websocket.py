@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import tornado.iostream
 import tornado.web
 
-from handlers.detached import Registry, UpgradeHandler, hand_over
+from handlers.detached import FlowControlled, Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import Codec
 from server.errors import NO_PONG, SHUTDOWN, Disconnect, SquallError
@@ -133,13 +133,12 @@ class WebSocketConnections(Registry["WebSocketConnection"]):
         )
 
 
-class WebSocketConnection(asyncio.Protocol):
+class WebSocketConnection(FlowControlled):
     """One upgraded connection: the session's ``Transport``."""
 
     __slots__ = (
         "_closing",
         "_codec",
-        "_drain",
         "_frames",
         "_heard",
         "_inbox",
@@ -155,7 +154,6 @@ class WebSocketConnection(asyncio.Protocol):
         "_timer",
         "_transport",
         "_worker",
-        "_write_paused",
         "session",
     )
     kind = "websocket"
@@ -180,8 +178,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._inbox_bytes = 0
         self._worker: asyncio.Task[None] | None = None
         self._reading_paused = False
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        super().__init__()
         self._closing = False
         self._session_gone = False
         self._timer: asyncio.TimerHandle | None = None
@@ -240,15 +237,6 @@ class WebSocketConnection(asyncio.Protocol):
                 return
             # A pong needs nothing more: hearing from the peer is enough.
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         if self._timer is not None:
@@ -257,10 +245,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._registry.discard(self)
         if self._inbox is not None:
             self._inbox.clear()
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionClosing("connection lost"))
-            drain.exception()  # retrieved: the session learns of it in its callback
+        self._end_drain(ConnectionClosing("connection lost"))
         self._session_closed()
         self._transport = None
 
@@ -274,11 +259,9 @@ class WebSocketConnection(asyncio.Protocol):
         # A fan-out hands every subscriber the same list: then it is the
         # frame just built, found by identity.
         transport.write(frames.frame if items is frames.items else frames.build(items))
-        if not self._write_paused:
+        if not self.write_paused:
             return None
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-        return self._drain
+        return self.drained()
 
     def close(self, disconnect: Disconnect) -> None:
         self._start_close(*self._codec.close(disconnect))
