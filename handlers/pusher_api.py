@@ -46,7 +46,6 @@ log = logging.getLogger("squall.pusher.api")
 # an event's data (bytes of UTF-8) and of its name (characters).
 MAX_TRIGGER_CHANNELS = 100
 MAX_BATCH_EVENTS = 10
-MAX_EVENT_DATA_BYTES = 10 * 1024
 MAX_EVENT_NAME = 200
 
 PRESENCE_PREFIX = "presence-"
@@ -214,9 +213,10 @@ class PusherApiHandler(tornado.web.RequestHandler):
         if not isinstance(data, str):
             raise RequestRefused(400, "'data' must be a string")
         size = len(data.encode())
-        if size > MAX_EVENT_DATA_BYTES:
+        if size > app.max_event_bytes:
             raise RequestRefused(
-                413, f"Event data is {size} bytes; the limit is {MAX_EVENT_DATA_BYTES}"
+                413,
+                f"Event data is {size} bytes; the limit is {app.max_event_bytes}",
             )
         socket_id = event.get("socket_id")
         if socket_id is not None and (

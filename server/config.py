@@ -209,6 +209,9 @@ class PusherApp:
     enable_client_messages: bool = False
     # Connections of this app per process; 0: only limits.max_connections.
     max_connections: int = 0
+    # Largest event data (bytes), from the HTTP API and client events (Pusher's
+    # default: 10 KB); at most limits.max_publication_bytes with the envelope.
+    max_event_bytes: int = 10240
     webhooks: list[PusherWebhook] = field(default_factory=list)
 
 
@@ -482,6 +485,8 @@ def _validate_pusher(settings: Settings) -> None:
         keys.add(app.key)
         if app.max_connections < 0:
             raise ConfigError(f"{key}.max_connections", "must be >= 0")
+        if app.max_event_bytes < 1:
+            raise ConfigError(f"{key}.max_event_bytes", "must be >= 1")
         if not app.namespace:
             app.namespace = f"pusher-{app.id}"
         if not NAMESPACE_RE.fullmatch(app.namespace):

@@ -217,6 +217,11 @@ class PusherCodec:
             if name.startswith("private-encrypted-"):
                 # The server could not encrypt them for the others: as Pusher.
                 raise errors.PermissionDenied("no client events on encrypted channels")
+            size = len(str(params.get("pusher_data", "")).encode())
+            if size > app.max_event_bytes:
+                raise errors.MessageTooLarge(
+                    f"event data is {size} bytes; the limit is {app.max_event_bytes}"
+                )
             return ChannelGrant()
         return None
 

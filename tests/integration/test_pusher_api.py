@@ -441,3 +441,14 @@ async def test_an_event_to_a_user(server: Running) -> None:
     # Listed nowhere: user channels are no app channels.
     code, reply = await fetch(server, f"/apps/{APP_ID}/channels")
     assert code == 200 and "#server-to-user-u7" not in orjson.loads(reply)["channels"]
+
+
+async def test_the_event_size_limit_is_the_apps(make_server: ServerFactory) -> None:
+    small = {"id": APP_ID, "key": KEY, "secret": SECRET, "max_event_bytes": 100}
+    server = await make_server({"pusher": {"apps": [small]}})
+    event = {"name": "e", "data": "x" * 100, "channel": "news"}
+    assert (await fetch(server, EVENTS, method="POST", body=event))[0] == 200
+    event["data"] += "x"
+    code, text = await fetch(server, EVENTS, method="POST", body=event)
+    assert code == 413 and b"limit is 100" in text
+    assert await offset(server, "news") == 1

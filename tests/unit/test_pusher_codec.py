@@ -3,11 +3,14 @@ publications and presence out as the Pusher protocol shows them."""
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server import errors
 from server.codec import Command, ConnectResult, InvalidCommand, ProtocolViolation, SubscribeResult
@@ -15,6 +18,7 @@ from server.codecs.pusher import PusherCodec
 from server.config import PusherApp
 from server.models import ClientInfo, Publication
 from server.pusher import channel_auth_valid, envelope, event_of, sign
+from tests.unit.test_centrifuge_codec import FUZZ, mutants
 
 APP = PusherApp(id="app1", key="app-key", secret="app-secret-0123456789", namespace="pusher-app1")
 CODEC = PusherCodec(APP, activity_timeout=120)
@@ -258,3 +262,96 @@ def test_no_client_events_on_encrypted_channels() -> None:
     assert isinstance(command, Command)
     with pytest.raises(errors.PermissionDenied):
         allowing.authorize("publish", "1.2", command.params["channel"], command.params)
+
+
+# ---- fuzz: nothing a client sends makes the codec raise -------------------
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_channels = st.sampled_from(
+    [
+        "news",
+        "private-a",
+        "presence-room",
+        "private-encrypted-x",
+        "#server-to-user-u",
+        "bad name",
+        "",
+    ]
+) | st.text(max_size=10)
+_data = st.fixed_dictionaries(
+    {},
+    optional={
+        "channel": _channels | _values,
+        "auth": st.text(max_size=80) | _values,
+        "channel_data": st.text(max_size=40) | _values,
+        "user_data": st.text(max_size=40) | _values,
+    },
+)
+_messages = st.fixed_dictionaries(
+    {
+        "event": st.sampled_from(
+            [
+                "pusher:subscribe",
+                "pusher:unsubscribe",
+                "pusher:ping",
+                "pusher:pong",
+                "pusher:signin",
+                "client-typing",
+                "pusher:nope",
+            ]
+        )
+        | st.text(max_size=10)
+        | _values,
+    },
+    optional={
+        "data": _data | _data.map(lambda d: orjson.dumps(d).decode()) | _values,
+        "channel": _channels,
+    },
+)
+_frames = st.one_of(st.binary(max_size=120), _messages.map(orjson.dumps))
+
+
+@pytest.mark.timeout(300)
+@FUZZ
+@given(frame=_frames, rnd=st.randoms(use_true_random=False))
+def test_fuzz_decoder_and_authorization(frame: bytes, rnd: random.Random) -> None:
+    codec = PusherCodec(
+        PusherApp(
+            id="1",
+            key="app-key",
+            secret=APP.secret,
+            namespace="p",
+            enable_client_messages=True,
+            max_event_bytes=64,
+        )
+    )
+    for candidate in (frame, *mutants(frame, rnd)):
+        try:
+            commands = codec.decode(candidate)
+        except ProtocolViolation:
+            continue
+        for command in commands:
+            assert isinstance(command, (Command, InvalidCommand))
+            if isinstance(command, InvalidCommand):
+                reply = codec.error(command, command.error)
+                assert isinstance(reply, bytes) or reply.code >= 4000
+                continue
+            assert command.method in codec.methods
+            try:
+                grant = codec.authorize(
+                    command.method, "1.2", str(command.params.get("channel", "")), command.params
+                )
+            except errors.SquallError as exc:
+                reply = codec.error(command, exc)
+                assert isinstance(reply, bytes) or reply.code >= 4000
+                continue
+            assert grant is None or grant.info is None or grant.info.client == "1.2"
+            if command.method == "publish":
+                made = codec.publication(command.params, ClientInfo("1.2", "u"))
+                assert made is not None and event_of(made).socket_id == "1.2"
