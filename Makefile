@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint proto system-deps services clean bench bench-sse bench-pusher bench-hotpath bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-deps
+.PHONY: run test lint proto system-deps services clean bench bench-sse bench-pusher bench-hotpath bench-idle bench-fanout bench-workers bench-scale bench-http bench-storm bench-publish bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/install-system-deps.sh
@@ -64,7 +64,7 @@ bench-deps: $(STAMP) $(BENCH_STAMP)
 	@scripts/install-system-deps.sh bench
 	$(BIN)/pip install --quiet -e '.[bench]'
 
-bench: bench-hotpath bench-fanout bench-codecs bench-sse bench-pusher bench-idle bench-workers bench-scale bench-http bench-storm
+bench: bench-hotpath bench-fanout bench-codecs bench-sse bench-pusher bench-idle bench-workers bench-scale bench-http bench-storm bench-publish
 
 # The fan-out path in-process (ns of Python per delivery, no kernel).
 bench-hotpath: bench-deps
@@ -115,3 +115,10 @@ bench-http: bench-deps
 
 bench-storm: bench-deps
 	$(BIN)/python -m bench.storm $(BENCH_ARGS)
+
+# The publish path (issue 17): single requests, batches of 100 and the API
+# stream to 10,000 channels, beside Centrifugo; then one py-spy flame graph
+# a Squall path (bench/results/flame-publish-<path>.svg).
+bench-publish: bench-deps
+	$(BIN)/python -m bench.publish $(BENCH_ARGS)
+	$(BIN)/python -m bench.publish --profile publish --subscribers 0 $(BENCH_ARGS)

@@ -424,3 +424,123 @@ class HttpPublisher(asyncio.Protocol):
             if not status.startswith(b"HTTP/1.1 200") or body.startswith(b'{"error"'):
                 if len(self.errors) < 10:
                     self.errors.append(status + b" " + body[:300])
+
+
+class ApiStreamPublisher(Subscriber):
+    """Squall's API stream (``GET /api/connection/websocket`` with
+    ``Authorization: apikey``): sends pre-built, pre-masked frames of
+    commands (one JSON object a line) back to back, keeps at most ``window``
+    frames unanswered, and counts the replies (one a command, in order)."""
+
+    def __init__(
+        self,
+        host: str,
+        key: str,
+        frames: list[bytes],
+        per_frame: int,
+        window: int,
+        ready: Callable[[], None],
+    ) -> None:
+        super().__init__("/api/connection/websocket", host, [], SEQ, None, ready)
+        self.key = key
+        self.frames = frames  # masked WebSocket frames, cycled through
+        self.per_frame = per_frame
+        self.window = window
+        self.next = 0
+        self.sending = False
+        self.commands = 0  # sent
+        self.answered = 0
+        self.failed = 0
+        self.errors: list[bytes] = []
+        self.gone = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (
+                f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nAuthorization: apikey {self.key}\r\n\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if not self.handshaken and not (self.buf + data).startswith(b"HTTP/1.1 101"):
+            if b"\r\n\r\n" in self.buf + data:
+                self.errors.append((self.buf + data)[:300])  # refused: 401, 400, ...
+                self.gone = True
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        super().data_received(data)
+
+    def start(self) -> None:
+        self.sending = True
+        self.fill()
+
+    def stop(self) -> None:
+        self.sending = False
+
+    def fill(self) -> None:
+        """Send frames until ``window`` of them are unanswered."""
+        out = []
+        limit = self.window * self.per_frame
+        while self.sending and self.commands - self.answered < limit:
+            out.append(self.frames[self.next])
+            self.next = (self.next + 1) % len(self.frames)
+            self.commands += self.per_frame
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def on_text(self, payload: bytes) -> None:
+        ok = payload.count(b'"result"')
+        bad = payload.count(b'"error"')
+        self.answered += ok + bad
+        if bad:
+            self.failed += bad
+            if len(self.errors) < 10:
+                self.errors.append(payload[:300])
+        self.fill()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+
+
+class BatchPublisher(HttpPublisher):
+    """``HttpPublisher`` for answers that may come chunked (Centrifugo sends a
+    large batch's replies with ``Transfer-Encoding: chunked``): an answer
+    counts once its last chunk is in; errors are kept as there."""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[: end + 2]
+            if b"chunked" not in head.lower():
+                before = self.answered
+                rest, self.buf = self.buf, b""
+                HttpPublisher.data_received(self, rest)  # one answer, or wait for more
+                if self.answered == before:
+                    return
+                continue
+            pos, body = end + 4, b""
+            while True:
+                eol = self.buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return
+                size = int(self.buf[pos:eol].split(b";")[0], 16)
+                if len(self.buf) < eol + 2 + size + 2:
+                    return
+                body += self.buf[eol + 2 : eol + 2 + size]
+                pos = eol + 2 + size + 2
+                if size == 0:
+                    break
+            status = head[: head.find(b"\r\n")]
+            self.buf = self.buf[pos:]
+            self.answered += 1
+            if not status.startswith(b"HTTP/1.1 200") or b'"error"' in body:
+                if len(self.errors) < 10:
+                    self.errors.append(status + b" " + body[:300])
