@@ -25,7 +25,6 @@ Backpressure, both ways, without unbounded memory:
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import Any, cast
 
@@ -34,7 +33,7 @@ import tornado.iostream
 import tornado.web
 
 from handlers.api import ApiMethods, CommandPipeline, Reply, presented_api_key
-from handlers.detached import FlowControlled, Registry, UpgradeHandler, hand_over
+from handlers.detached import FlowControlled, Inbox, Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import InvalidCommand, ProtocolViolation
 from server.errors import BAD_REQUEST, SHUTDOWN, SLOW
@@ -43,8 +42,6 @@ from server.protocol import parse_frame
 
 log = logging.getLogger("squall.api_stream")
 
-# Frames read ahead of the commands running before the socket stops being read.
-MAX_INBOX = 16
 # How long replies may go unread (the transport's buffer over the limit)
 # before the connection is closed with 3008.
 STALL_TIMEOUT = 30.0
@@ -93,10 +90,8 @@ class ApiStreamConnection(FlowControlled):
         self._leftover = leftover
         self._parser = wsframe.FrameParser(registry.max_message)
         self._transport: asyncio.Transport | None = None
-        self._inbox: collections.deque[bytes] = collections.deque()
-        self.inbox_bytes = 0
+        self._inbox = Inbox(registry.max_message)
         self._worker: asyncio.Task[None] | None = None
-        self.reading_paused = False
         super().__init__()
         self._stall: asyncio.TimerHandle | None = None
         self._closing = False
@@ -118,11 +113,15 @@ class ApiStreamConnection(FlowControlled):
         return out
 
     @property
+    def reading_paused(self) -> bool:
+        return self._inbox.paused
+
+    @property
     def buffered(self) -> int:
         """Bytes this connection holds: commands read but not started, an
         incomplete frame, replies not yet taken by the peer."""
         out = self._transport.get_write_buffer_size() if self._transport is not None else 0
-        return self.inbox_bytes + self._parser.buffered + self._out_bytes + out
+        return self._inbox.nbytes + self._parser.buffered + self._out_bytes + out
 
     # ---- asyncio protocol -------------------------------------------------
 
@@ -173,7 +172,6 @@ class ApiStreamConnection(FlowControlled):
         self._stall = self._close_timer = self._flush_handle = None
         self._registry.discard(self)
         self._inbox.clear()
-        self.inbox_bytes = 0
         self._out = []
         self._out_bytes = 0
         self._end_drain()  # the worker sees ``_closing`` and stops
@@ -189,15 +187,13 @@ class ApiStreamConnection(FlowControlled):
         self._flush_out()
         self._closing = True
         self._inbox.clear()  # commands not started are not run
-        self.inbox_bytes = 0
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(wsframe.close_frame(code, reason))
-        if self.reading_paused:
+        if self._inbox.paused:
             # Read on (dropping data) so the peer's close frame is seen.
-            self.reading_paused = False
-            transport.resume_reading()
+            self._inbox.resume(transport)
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT, transport.abort)
 
@@ -228,16 +224,9 @@ class ApiStreamConnection(FlowControlled):
     # ---- commands in ------------------------------------------------------
 
     def _on_message(self, payload: bytes) -> None:
-        self._inbox.append(payload)
-        self.inbox_bytes += len(payload)
+        self._inbox.put(payload, self._transport)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
-        if not self.reading_paused and (
-            len(self._inbox) >= MAX_INBOX or self.inbox_bytes > 2 * self._registry.max_message
-        ):
-            self.reading_paused = True
-            if self._transport is not None:
-                self._transport.pause_reading()
 
     async def _work(self) -> None:
         """Run the inbox's commands in order; ends when the inbox is empty,
@@ -246,16 +235,7 @@ class ApiStreamConnection(FlowControlled):
         pipeline = self._pipeline
         try:
             while inbox and not self._closing:
-                payload = inbox.popleft()
-                self.inbox_bytes -= len(payload)
-                if (
-                    self.reading_paused
-                    and len(inbox) < MAX_INBOX // 2
-                    and self.inbox_bytes <= self._registry.max_message
-                ):
-                    self.reading_paused = False
-                    if self._transport is not None:
-                        self._transport.resume_reading()
+                payload = inbox.take(self._transport)
                 try:
                     commands = parse_frame(payload, max_commands=self._registry.max_commands)
                 except ProtocolViolation as exc:

@@ -63,6 +63,58 @@ async def hand_over(
         raw.close()
 
 
+# Frames read ahead of the work on them before the socket stops being read.
+MAX_INBOX = 16
+
+
+class Inbox:
+    """Frames read ahead of the work on them, bounded: past ``MAX_INBOX``
+    frames, or twice the frame limit in bytes, the socket is not read until
+    the work has taken half of them. A client that floods waits for its own
+    frames, and nobody else's."""
+
+    __slots__ = ("_frames", "_max_bytes", "nbytes", "paused")
+
+    def __init__(self, max_message: int) -> None:
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._max_bytes = 2 * max_message
+        self.nbytes = 0
+        self.paused = False
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, payload: bytes, transport: asyncio.Transport | None) -> None:
+        self._frames.append(payload)
+        self.nbytes += len(payload)
+        if not self.paused and (len(self._frames) >= MAX_INBOX or self.nbytes > self._max_bytes):
+            self.paused = True
+            if transport is not None:
+                transport.pause_reading()
+
+    def take(self, transport: asyncio.Transport | None) -> bytes:
+        """The oldest frame; reading resumes (on ``transport``, if any) once
+        the inbox is down to half."""
+        payload = self._frames.popleft()
+        self.nbytes -= len(payload)
+        if (
+            self.paused
+            and len(self._frames) < MAX_INBOX // 2
+            and self.nbytes <= self._max_bytes // 2
+        ):
+            self.resume(transport)
+        return payload
+
+    def resume(self, transport: asyncio.Transport | None) -> None:
+        self.paused = False
+        if transport is not None:
+            transport.resume_reading()
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self.nbytes = 0
+
+
 class FlowControlled(asyncio.Protocol):
     """A protocol whose writes wait for the kernel: with the transport's
     write buffer limit at 0, ``pause_writing`` comes as soon as the kernel

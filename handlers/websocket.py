@@ -11,7 +11,6 @@ of a frame that every subscriber of the channel shares.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 import tornado.iostream
 import tornado.web
 
-from handlers.detached import FlowControlled, Registry, UpgradeHandler, hand_over
+from handlers.detached import FlowControlled, Inbox, Registry, UpgradeHandler, hand_over
 from server import wsframe
 from server.codec import Codec
 from server.errors import NO_PONG, SHUTDOWN, Disconnect, SquallError
@@ -34,9 +33,6 @@ log = logging.getLogger("squall.websocket")
 # How long a closing connection waits for the peer's close frame (and for its
 # last bytes to drain) before the TCP connection is cut.
 CLOSE_TIMEOUT = 5.0
-# Frames read ahead of the session before the socket stops being read: a
-# client that floods commands waits for its own, and nobody else's.
-MAX_INBOX = 16
 
 
 def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
@@ -142,13 +138,11 @@ class WebSocketConnection(FlowControlled):
         "_frames",
         "_heard",
         "_inbox",
-        "_inbox_bytes",
         "_leftover",
         "_meta",
         "_parser",
         "_pinged",
         "_pong",
-        "_reading_paused",
         "_registry",
         "_session_gone",
         "_timer",
@@ -174,10 +168,8 @@ class WebSocketConnection(FlowControlled):
         self._parser = wsframe.FrameParser(registry.max_message)
         self._transport: asyncio.Transport | None = None
         self.session: Session | None = None
-        self._inbox: collections.deque[bytes] | None = None
-        self._inbox_bytes = 0
+        self._inbox: Inbox | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._reading_paused = False
         super().__init__()
         self._closing = False
         self._session_gone = False
@@ -307,17 +299,10 @@ class WebSocketConnection(FlowControlled):
         if self.session is None:
             return
         if self._inbox is None:
-            self._inbox = collections.deque()
-        self._inbox.append(payload)
-        self._inbox_bytes += len(payload)
+            self._inbox = Inbox(self._registry.max_message)  # (an idle one holds none)
+        self._inbox.put(payload, self._transport)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
-        elif not self._reading_paused and (
-            len(self._inbox) >= MAX_INBOX or self._inbox_bytes > 2 * self._registry.max_message
-        ):
-            self._reading_paused = True
-            if self._transport is not None:
-                self._transport.pause_reading()
 
     async def _work(self) -> None:
         # Commands of one connection are handled in order, one at a time. The
@@ -327,12 +312,7 @@ class WebSocketConnection(FlowControlled):
         assert session is not None and inbox is not None
         try:
             while inbox:
-                payload = inbox.popleft()
-                self._inbox_bytes -= len(payload)
-                if self._reading_paused and len(inbox) < MAX_INBOX // 2:
-                    self._reading_paused = False
-                    if self._transport is not None and not self._closing:
-                        self._transport.resume_reading()
+                payload = inbox.take(None if self._closing else self._transport)
                 await session.handle_frame(payload)
         finally:
             self._worker = None

@@ -444,11 +444,13 @@ class ApiClient:
         self.timeout = timeout
         self._http = tornado.httpclient.AsyncHTTPClient()
 
-    async def call(self, method: str, body: dict[str, Any] | None = None) -> Any:
+    async def _post(self, method: str, body: dict[str, Any], answer: str) -> Any:
+        """POST ``body`` to ``/api/<method>``; the ``answer`` field of the
+        reply, or ``ApiError`` (an error reply, an HTTP error, no answer)."""
         request = tornado.httpclient.HTTPRequest(
             f"{self.base_url}/api/{method}",
             method="POST",
-            body=orjson.dumps(body or {}),
+            body=orjson.dumps(body),
             headers={"Authorization": f"apikey {self.api_key}", "Content-Type": "application/json"},
             request_timeout=self.timeout,
         )
@@ -456,10 +458,13 @@ class ApiClient:
         if response.code == 599:
             raise ApiError(599, 0, str(response.error))
         payload = orjson.loads(response.body) if response.body else {}
-        if response.code >= 400 or "error" in payload:
+        if response.code >= 400 or "error" in payload or answer not in payload:
             err = payload.get("error", {})
             raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))
-        return payload.get("result")
+        return payload[answer]
+
+    async def call(self, method: str, body: dict[str, Any] | None = None) -> Any:
+        return await self._post(method, body or {}, "result")
 
     async def batch(
         self, commands: Iterable[Mapping[str, Any]], *, stop_on_error: bool = False
@@ -473,21 +478,7 @@ class ApiClient:
         body: dict[str, Any] = {"commands": list(commands)}
         if stop_on_error:
             body["stop_on_error"] = True
-        request = tornado.httpclient.HTTPRequest(
-            f"{self.base_url}/api/batch",
-            method="POST",
-            body=orjson.dumps(body),
-            headers={"Authorization": f"apikey {self.api_key}", "Content-Type": "application/json"},
-            request_timeout=self.timeout,
-        )
-        response = await self._http.fetch(request, raise_error=False)
-        if response.code == 599:
-            raise ApiError(599, 0, str(response.error))
-        payload = orjson.loads(response.body) if response.body else {}
-        if response.code >= 400 or "replies" not in payload:
-            err = payload.get("error", {})
-            raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))
-        replies: list[dict[str, Any]] = payload["replies"]
+        replies: list[dict[str, Any]] = await self._post("batch", body, "replies")
         return replies
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:

@@ -146,10 +146,9 @@ return 1
 """
 )
 
-# Presence joins and leaves that say, atomically (one of many concurrent
-# callers sees each edge): how many members the channel has, and, when
-# ARGV holds a user, whether another member of that user is there.
-_PRESENCE_EDGES = """
+# KEYS: presence hash, expiry zset. Drops the members whose entries expired
+# (their node stopped refreshing them); returns the time.
+_PRESENCE_PRUNE = """
 local function prune()
   local now = now_ms()
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -161,6 +160,14 @@ local function prune()
   end
   return now
 end
+"""
+
+# Presence joins and leaves that say, atomically (one of many concurrent
+# callers sees each edge): how many members the channel has, and, when
+# ARGV holds a user, whether another member of that user is there.
+_PRESENCE_EDGES = (
+    _PRESENCE_PRUNE
+    + """
 local function user_elsewhere(client, user)
   if user == '' then
     return 0
@@ -174,6 +181,7 @@ local function user_elsewhere(client, user)
   return 0
 end
 """
+)
 
 # KEYS: presence hash, expiry zset; ARGV: client, info, ttl_ms, user ('':
 # do not look). Returns {members now, another of the user's was there}.
@@ -206,15 +214,9 @@ return {redis.call('HLEN', KEYS[1]), user_elsewhere(ARGV[1], ARGV[2])}
 # KEYS: presence hash, expiry zset. Drops expired members, returns the rest.
 PRESENCE_GET = (
     _COMMON
+    + _PRESENCE_PRUNE
     + """
-local now = now_ms()
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for i = 1, #gone do
-  redis.call('HDEL', KEYS[1], gone[i])
-end
-if #gone > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-end
+prune()
 return redis.call('HGETALL', KEYS[1])
 """
 )

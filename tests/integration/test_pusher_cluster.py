@@ -16,7 +16,6 @@ not once per node, every request accepted by the SDK's ``validate_webhook``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import time
@@ -33,7 +32,7 @@ import tornado.web
 
 from tests.conftest import Running, ServerFactory, wait_for
 from tests.integration.test_pusher_protocol import open_pusher
-from tests.integration.test_pusher_webhooks import HookHandler, Receiver
+from tests.integration.test_pusher_webhooks import Receiver, receiving
 from tests.integration.test_sdk_pusher_js import (
     APP_ID,
     APP_KEY,
@@ -68,15 +67,8 @@ class Cluster:
 @pytest.fixture
 async def hooks() -> AsyncIterator[Receiver]:
     """The app's webhook receiver (it outlives the nodes: set up first)."""
-    sock, port = tornado.testing.bind_unused_port()
-    receiver = Receiver(port)
-    app = tornado.web.Application([(r"/(\w+)", HookHandler, {"receiver": receiver})])
-    http = tornado.httpserver.HTTPServer(app)
-    http.add_sockets([sock])
-    yield receiver
-    http.stop()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(http.close_all_connections(), 5)
+    async with receiving() as receiver:
+        yield receiver
 
 
 @pytest.fixture

@@ -58,17 +58,26 @@ class HookHandler(tornado.web.RequestHandler):
         self.finish("ok")
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    """A webhook receiver on a free loopback port, for the block."""
     sock, port = tornado.testing.bind_unused_port()
     receiver = Receiver(port)
     app = tornado.web.Application([(r"/(\w+)", HookHandler, {"receiver": receiver})])
     http = tornado.httpserver.HTTPServer(app)
     http.add_sockets([sock])
-    yield receiver
-    http.stop()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(http.close_all_connections(), 5)
+    try:
+        yield receiver
+    finally:
+        http.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(http.close_all_connections(), 5)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving() as hooks:
+        yield hooks
 
 
 def config(receiver: Receiver, **app: Any) -> dict[str, Any]:
