@@ -87,6 +87,9 @@ class ApiHandler(JSONHandler):
         await self._call(method, body)
 
     async def post(self, method: str) -> None:
+        keepalive = self.application.settings.get("keepalive_api")
+        if keepalive is not None and keepalive.adopt(self, method, self._presented_key()):
+            return  # answered off Tornado, with the connection's next requests
         try:
             body = orjson.loads(self.request.body or b"{}")
         except orjson.JSONDecodeError:

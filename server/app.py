@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
+from typing import Any
 
+import tornado.httpserver
 import tornado.web
 
 from handlers.api import ApiBatchHandler, ApiHandler
 from handlers.api import max_body_size as api_body_size
+from handlers.api_keepalive import KeepAliveApi
 from handlers.api_stream import ApiStreamHandler, ApiStreams
 from handlers.pages import (
     DashboardDataHandler,
@@ -101,7 +104,23 @@ def make_app(node: Node) -> tornado.web.Application:
         static_path=str(ROOT / "static"),
         log_function=log_request,
         compress_response=False,
+        # Back ends' keep-alive API connections leave Tornado after their
+        # first request (handlers/api_keepalive.py), once ``http_server``
+        # gave it the server.
+        keepalive_api=KeepAliveApi(node, max_body_size(node)),
     )
+
+
+def http_server(
+    node: Node, app: tornado.web.Application, **kwargs: Any
+) -> tornado.httpserver.HTTPServer:
+    """The HTTP server of ``app``: Tornado's, with the body limit, and the
+    keep-alive API path told about it."""
+    server = tornado.httpserver.HTTPServer(app, max_body_size=max_body_size(node), **kwargs)
+    keepalive = app.settings.get("keepalive_api")
+    if isinstance(keepalive, KeepAliveApi):
+        keepalive.serve_for(server)
+    return server
 
 
 def max_body_size(node: Node) -> int:

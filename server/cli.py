@@ -412,10 +412,9 @@ async def _serve(
     banner: bool,
     worker: bool = False,
 ) -> int:
-    import tornado.httpserver
     import tornado.netutil
 
-    from server.app import make_app, max_body_size
+    from server.app import http_server, make_app
     from server.node import Node
     from server.supervisor import LISTEN_BACKLOG
 
@@ -429,9 +428,7 @@ async def _serve(
         print(f"squall: store unavailable: {exc}", file=sys.stderr)
         return 1
     app = make_app(node)
-    server = tornado.httpserver.HTTPServer(
-        app, max_body_size=max_body_size(node), xheaders=True, idle_connection_timeout=60
-    )
+    server = http_server(node, app, xheaders=True, idle_connection_timeout=60)
     tune_gc()
     try:
         if listen_fds:

@@ -19,7 +19,7 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
-from server.app import make_app, max_body_size
+from server.app import http_server, make_app
 from server.auth import mint_token
 from server.client import ApiClient, Client
 from server.config import Settings, load_settings
@@ -191,7 +191,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         node = Node(settings, **kwargs)
         await node.start()
         sock, port = tornado.testing.bind_unused_port()
-        http = tornado.httpserver.HTTPServer(make_app(node), max_body_size=max_body_size(node))
+        http = http_server(node, make_app(node))
         http.add_sockets([sock])
         run = Running(node, port, settings, http)
         running.append(run)
