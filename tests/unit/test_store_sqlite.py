@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from server.models import Publication
-from server.store import StoreUnavailable
+from server.store import StoreConflict, StoreUnavailable
 from server.store.sqlite import SQLiteStore
 from tests.conftest import ServerFactory
 from tests.contract_store import *  # noqa: F403 - the shared contract tests
@@ -102,3 +103,53 @@ async def test_store_failure_fails_the_publish_and_delivers_nothing(
     push = await raw.push("pub")
     assert push["pub"]["data"] == "ok-2"
     assert [p["data"] for p in (await api.history("log:x"))["publications"]] == ["ok-1", "ok-2"]
+
+
+async def test_concurrent_appends_share_commits(store: SQLiteStore) -> None:
+    """Group commit: appends made while a transaction is written go into the
+    next one together; every one is acknowledged only once committed."""
+    commits = 0
+    commit = store._commit
+
+    def counting(group: list[tuple[list[tuple[object, ...]], object]]) -> list[Exception | None]:
+        nonlocal commits
+        commits += 1
+        return commit(group)
+
+    store._commit = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(store.append([pub(f"c{i}", 1)]) for i in range(200)))
+    assert 1 <= commits < 20
+    for i in range(200):
+        assert [p.offset for p in await store.read(f"c{i}", "e1", limit=5)] == [1]
+
+
+async def test_a_conflict_fails_only_its_own_append(store: SQLiteStore) -> None:
+    await store.append([pub("taken", 1)])
+    other = Publication("taken", 1, "e1", b'"other"', None, 1)
+    results = await asyncio.gather(
+        store.append([pub("x", 1), pub("x", 2)]),
+        store.append([pub("taken", 2), other]),  # 2 is free, 1 is not: all or nothing
+        store.append([pub("y", 1)]),
+        store.append([pub("taken", 1)]),  # the same data again: idempotent
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None and results[3] is None
+    assert isinstance(results[1], StoreConflict)
+    assert [p.offset for p in await store.read("x", "e1", limit=5)] == [1, 2]
+    assert [p.offset for p in await store.read("y", "e1", limit=5)] == [1]
+    assert [p.offset for p in await store.read("taken", "e1", limit=5)] == [1]
+
+
+async def test_close_writes_the_appends_already_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite3"
+    first = SQLiteStore(path)
+    await first.start()
+    appends = [asyncio.ensure_future(first.append([pub(f"c{i}", 1)])) for i in range(50)]
+    await asyncio.sleep(0)
+    await first.close()
+    await asyncio.gather(*appends)
+    second = SQLiteStore(path)
+    await second.start()
+    for i in range(50):
+        assert len(await second.read(f"c{i}", "e1", limit=5)) == 1
+    await second.close()
