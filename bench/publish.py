@@ -21,8 +21,9 @@ Paths:
   frames unanswered (``bench.wsproto.ApiStreamPublisher``); Squall only.
 
 Peers: ``squall`` (embedded broker), ``squall_redis`` (one process on a
-Redis server of its own; CPU counts Redis too) and ``centrifugo`` (memory
-engine, GOMAXPROCS=1), started as ``bench.run`` starts them: the server
+Redis server of its own; CPU counts Redis too), ``centrifugo`` (memory
+engine, GOMAXPROCS=1) and ``centrifugo_redis`` (its Redis engine, on a Redis
+server of its own, CPU counted the same way), started as ``bench.run`` starts them: the server
 pinned to CPU 0, the load generator (wrk, or this process) on CPU 1, history
 on in the ``bench`` namespace (100 publications, 600 s, recovery).
 
@@ -73,7 +74,7 @@ CONNECTIONS = 32  # wrk's keep-alive connections
 # What each publication carries besides its channel (about 100 bytes of JSON).
 DATA = '{"text":"hello from the publish bench","pad":"' + "x" * 48 + '"}'
 PATHS = ("single", "batch", "stream")
-PUBLISH_PEERS = ("squall", "squall_redis", "centrifugo")
+PUBLISH_PEERS = ("squall", "squall_redis", "centrifugo", "centrifugo_redis")
 
 
 @dataclass
@@ -285,33 +286,39 @@ async def one_run(
         port = free_port()
         env: dict[str, str] = {}
         redis = None
-        if peer == "squall_redis":
+        # centrifugo_redis: Centrifugo with its Redis engine, the peer of
+        # squall_redis (Redis's CPU counts for both).
+        base = "centrifugo" if peer == "centrifugo_redis" else peer
+        if peer in ("squall_redis", "centrifugo_redis"):
             from tests.services import RedisServer
 
             redis = RedisServer().start()
             env["SQUALL_BROKER_URL"] = redis.url
+            env["CENTRIFUGO_ENGINE_TYPE"] = "redis"
+            env["CENTRIFUGO_ENGINE_REDIS_ADDRESS"] = redis.url
         try:
-            proc = await asyncio.to_thread(start_peer, peer, port, Path(tmp), env)
+            proc = await asyncio.to_thread(start_peer, base, port, Path(tmp), env)
             try:
                 extra = [redis.proc.pid] if redis is not None and redis.proc else []
                 pids = [proc.pid, *descendants(proc.pid), *extra]
-                subs = await subscribe(peer, port, per_channel) if per_channel else []
+                subs = await subscribe(base, port, per_channel) if per_channel else []
                 if not subs:
-                    await warm_up(peer, port)
+                    await warm_up(base, port)
 
                 def delivered() -> int:
                     return sum(s.count for s in subs)
 
                 try:
                     if path == "stream":
-                        r = await _stream(peer, port, pids, seconds, window, delivered)
+                        r = await _stream(base, port, pids, seconds, window, delivered)
                     else:
-                        r = await _wrk(peer, path, port, pids, seconds, Path(tmp), delivered)
+                        r = await _wrk(base, path, port, pids, seconds, Path(tmp), delivered)
                 finally:
                     for s in subs:
                         if s.transport is not None:
                             s.transport.close()
                 r.subscribers = per_channel
+                r.peer = peer
                 return r
             finally:
                 await asyncio.to_thread(stop_peer, proc)
@@ -479,13 +486,18 @@ def targets(results: list[PublishResult]) -> str:
         return "**met**" if ok else "**not met**"
 
     lines = [
-        "| subscribers a channel | Squall peer | target | Squall | Centrifugo | ratio | verdict |",
-        "| ---: | --- | --- | ---: | ---: | ---: | --- |",
+        "| subscribers a channel | Squall peer | Centrifugo peer | target | Squall | Centrifugo "
+        "| ratio | verdict |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     for subs in sorted({r.subscribers for r in results}):
-        cf_single = rate("centrifugo", "single", subs)
-        cf_batch = rate("centrifugo", "batch", subs)
         for peer in ("squall", "squall_redis"):
+            # Squall on Redis against Centrifugo on Redis when it ran.
+            cf = "centrifugo"
+            if peer == "squall_redis" and rate("centrifugo_redis", "single", subs):
+                cf = "centrifugo_redis"
+            cf_single = rate(cf, "single", subs)
+            cf_batch = rate(cf, "batch", subs)
             single = rate(peer, "single", subs)
             batch = rate(peer, "batch", subs)
             stream = rate(peer, "stream", subs)
@@ -500,7 +512,7 @@ def targets(results: list[PublishResult]) -> str:
                     continue
                 ratio = ours / theirs
                 lines.append(
-                    f"| {subs} | {peer} | {name} | {ours:,.0f}/s | {theirs:,.0f}/s "
+                    f"| {subs} | {peer} | {cf} | {name} | {ours:,.0f}/s | {theirs:,.0f}/s "
                     f"| {ratio:.2f}× | {verdict(ratio >= need)} |"
                 )
     return "\n".join(lines)
@@ -521,7 +533,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="",
-        help="run Squall (embedded broker) under py-spy, once a path: flame-NAME-<path>.svg",
+        help="run the first Squall peer of --peers under py-spy (default: the embedded "
+        "broker), once a path: flame-NAME-<path>.svg",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -532,7 +545,9 @@ def main() -> None:
     if bad:
         parser.error(f"unknown {bad}; peers: {PUBLISH_PEERS}, paths: {PATHS}")
     if args.profile:
-        peers, reps = ["squall"], 1
+        # One Squall peer under py-spy (the embedded broker unless --peers
+        # names squall_redis).
+        peers = [next((p for p in peers if p.startswith("squall")), "squall")]
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     raise_fd_limit(CHANNELS + 5000)
@@ -545,7 +560,7 @@ def main() -> None:
         for rep in range(reps):
             for path in paths:
                 for peer in peers:
-                    if path == "stream" and peer == "centrifugo":
+                    if path == "stream" and peer.startswith("centrifugo"):
                         continue  # Squall's own API stream
                     if args.profile:
                         run.PROFILE = f"{args.profile}-{path}"
