@@ -18,8 +18,9 @@ import orjson
 import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPServerRequest
+from tornado.iostream import StreamClosedError
 
-from handlers.base import JSONHandler
+from handlers.base import JSONHandler, MethodNotAllowed
 from server import errors
 from server.channels import Channel
 from server.config import LimitSettings
@@ -36,12 +37,16 @@ _SEARCH_INTS = ("limit", "since", "until")
 # the oldest before it starts another.
 MAX_BATCH_INFLIGHT = MAX_INFLIGHT_PUBLISHES
 
-# A batch body over the limit is still read (and dropped) up to this many
-# times the limit, so the client gets a JSON answer; past that the connection
-# is closed, as for any other oversized request.
+# A chunked batch body over the limit is still read (and dropped) up to this
+# many times the limit, then answered 413; past that the 413 comes at once and
+# the connection is closed, as for any other oversized request.
 _DISCARD_FACTOR = 4
 
 NDJSON = "application/x-ndjson"
+
+# Tornado's own body limit while an API handler streams a body in: the
+# handler answers 413 itself (docs/api.md).
+_NO_LIMIT = 1 << 62
 
 
 def max_body_size(limits: LimitSettings) -> int:
@@ -64,13 +69,137 @@ def presented_api_key(request: HTTPServerRequest) -> str | None:
     return key.strip()
 
 
+@tornado.web.stream_request_body
 class ApiHandler(JSONHandler):
+    """``POST /api/<method>`` (and ``GET /api/search``).
+
+    The body is streamed in (and joined into ``self.request.body`` before
+    ``post()`` runs) so that one announced or grown over the limit is
+    answered with the JSON 413 at once, without reading it."""
+
+    _chunks: list[bytes]
+    _received: int
+    _limit: int
+
+    def prepare(self) -> None:
+        self._chunks = []
+        self._received = 0
+        self._limit = max_body_size(self.node.settings.limits)
+        if self._refuse_announced_body():
+            return
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            # data_received answers 413 once a chunked body is past what we
+            # read; Tornado's own limit (a bare 400, and before the chunk
+            # reaches us) must not come first.
+            connection.set_max_body_size(_NO_LIMIT)
+        # Registered before Tornado awaits the same future, so it runs first:
+        # post() finds the whole body in self.request.body.
+        self.request._body_future.add_done_callback(self._body_complete)
+
+    def _read_limit(self) -> int:
+        """Bytes of body read before the request is refused with a 413 and
+        the connection closed."""
+        return self._limit
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received <= self._limit:
+            self._chunks.append(chunk)
+            return
+        self._chunks = []
+        if self._received > self._read_limit() and not self._finished:
+            self._refuse_body(
+                errors.MessageTooLarge(
+                    f"body is over {self._read_limit()} bytes; the limit is {self._limit}"
+                )
+            )
+
+    def _body_complete(self, body: asyncio.Future[None]) -> None:
+        if not body.cancelled() and body.exception() is None:
+            self.request.body = b"".join(self._chunks)
+
+    def _refuse_announced_body(self) -> bool:
+        """Answer 413 now if ``Content-Length`` is over the limit."""
+        try:
+            announced = int(self.request.headers.get("Content-Length", ""))
+        except ValueError:
+            return False  # none, or Tornado refuses it as malformed
+        if announced <= self._limit:
+            return False
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            # After this answer Tornado starts reading the body (and drops
+            # it) until the answer is written and the connection closed; its
+            # own check of the length would append a bare 400.
+            connection.set_max_body_size(announced)
+        self._refuse_body(
+            errors.MessageTooLarge(f"body is {announced} bytes; the limit is {self._limit}")
+        )
+        return True
+
+    def _refuse_body(self, error: SquallError) -> None:
+        """The JSON 413 before the body is read; the connection closes after
+        it (the only way not to read the rest)."""
+        self.node.metrics.count_error(error.code)
+        self.set_header("Connection", "close")
+        self.write_squall_error(error)
+        body = self.request._body_future
+        if not body.done():
+            # The handler is done; Tornado must not wait for a body it will
+            # not hand over once the answer is written.
+            body.set_exception(StreamClosedError())
+            body.exception()
+
+    def _allowed(self, method: str) -> tuple[str, ...] | None:
+        """The HTTP methods ``/api/<method>`` answers, None for no such
+        method."""
+        if method == "search":
+            return ("GET", "POST")
+        if method == "batch" or method in self._methods():
+            return ("POST",)
+        return None
+
+    def _wrong_verb(self, method: str) -> None:
+        """405 with ``Allow`` for an API method; 404 for no such method."""
+        allowed = self._allowed(method)
+        if allowed is None:
+            self.write_squall_error(errors.MethodNotFound(f"unknown API method {method!r}"))
+            return
+        self.set_header("Allow", ", ".join(allowed))
+        self.write_squall_error(
+            MethodNotAllowed(
+                f"/api/{method} takes {' or '.join(allowed)}, not {self.request.method}"
+            )
+        )
+
+    async def put(self, method: str) -> None:
+        self._wrong_verb(method)
+
+    async def delete(self, method: str) -> None:
+        self._wrong_verb(method)
+
+    async def patch(self, method: str) -> None:
+        self._wrong_verb(method)
+
+    async def head(self, method: str) -> None:
+        self._wrong_verb(method)
+
+    async def options(self, method: str) -> None:
+        self._wrong_verb(method)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 405:
+            # A verb Tornado does not take at all (answered before prepare).
+            name = self.request.path.rpartition("/")[2]
+            self.set_header("Allow", ", ".join(self._allowed(name) or ("POST",)))
+        super().write_error(status_code, **kwargs)
+
     async def get(self, method: str) -> None:
         """``GET /api/search?query=...``: the one read that is also a GET, so
         a search is a link an operator can open."""
         if method != "search":
-            self.set_header("Allow", "POST")
-            self.write_squall_error(errors.MethodNotFound("use POST for this API method"))
+            self._wrong_verb(method)
             return
         body: dict[str, Any] = {}
         for name in ("query", "q", "channel", "user", "cursor", *_SEARCH_INTS):
@@ -78,7 +207,8 @@ class ApiHandler(JSONHandler):
             if value is None:
                 continue
             if name in _SEARCH_INTS:
-                if not value.isdigit():
+                # ASCII digits only: "²" is a digit to str.isdigit, not to int().
+                if not (value.isascii() and value.isdigit()):
                     self.write_squall_error(errors.BadRequest(f"'{name}' must be a number"))
                     return
                 body[name] = int(value)
@@ -263,28 +393,17 @@ class ApiBatchHandler(ApiHandler):
     Redis, a channel's offsets in command order). With ``stop_on_error``
     commands run one after another and the first failure ends the batch.
 
-    The body is streamed in so that one over the limit gets a JSON 413
-    instead of a closed connection.
+    A body announced over the limit gets the JSON 413 at once (as every API
+    request); a chunked one is read and dropped up to four times the limit.
     """
 
-    _chunks: list[bytes]
-    _received: int
-    _limit: int
+    def _read_limit(self) -> int:
+        # A chunked body (its size unknown until it ends) is read and dropped
+        # past the limit, so the 413 is not lost to a reset connection.
+        return self._limit * _DISCARD_FACTOR
 
-    def prepare(self) -> None:
-        self._chunks = []
-        self._received = 0
-        self._limit = max_body_size(self.node.settings.limits)
-        connection = self.request.connection
-        if isinstance(connection, HTTP1Connection):
-            connection.set_max_body_size(self._limit * _DISCARD_FACTOR)
-
-    def data_received(self, chunk: bytes) -> None:
-        self._received += len(chunk)
-        if self._received <= self._limit:
-            self._chunks.append(chunk)
-        else:
-            self._chunks = []
+    def _body_complete(self, body: asyncio.Future[None]) -> None:
+        pass  # post() joins the chunks itself
 
     def _ndjson(self) -> bool:
         kind = self.request.headers.get("Content-Type", "")

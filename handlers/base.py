@@ -11,6 +11,14 @@ from server.errors import SquallError
 from server.node import Node
 
 
+class MethodNotAllowed(SquallError):
+    """An HTTP method the resource does not take: 405, with ``Allow``."""
+
+    code = 107
+    message = "method not allowed"
+    http_status = 405
+
+
 class JSONHandler(tornado.web.RequestHandler):
     node: Node
 
@@ -28,8 +36,19 @@ class JSONHandler(tornado.web.RequestHandler):
     def write_squall_error(self, error: SquallError) -> None:
         self.write_json({"error": error.to_json()}, error.http_status)
 
+    def allowed_methods(self) -> list[str]:
+        """The HTTP methods this handler implements (for ``Allow``)."""
+        base = tornado.web.RequestHandler
+        return [
+            verb
+            for verb in self.SUPPORTED_METHODS
+            if getattr(type(self), verb.lower(), None) is not getattr(base, verb.lower(), None)
+        ]
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tornado's own errors (bad method, body too large, ...) as JSON too.
+        if status_code == 405 and not self._headers.get("Allow"):
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         message = self._reason or "error"
         self.finish(
             orjson.dumps(

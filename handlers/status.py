@@ -6,6 +6,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.base import JSONHandler
+from server.openapi import document
 
 
 class HealthHandler(JSONHandler):
@@ -53,3 +54,11 @@ class MetricsHandler(JSONHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.write(generate_latest(self.node.metrics.registry))
+
+
+class OpenAPIHandler(JSONHandler):
+    """``GET /api/openapi.json``: the OpenAPI 3.1 document of the HTTP API
+    (server/openapi.py). No key needed: it is documentation."""
+
+    def get(self) -> None:
+        self.write_json(document(self.node))

@@ -26,7 +26,13 @@ from handlers.pages import (
 from handlers.pusher_api import routes as pusher_api_routes
 from handlers.pusher_ws import routes as pusher_ws_routes
 from handlers.sse import SSEConnections, SSEHandler
-from handlers.status import HealthHandler, MetricsHandler, ReadyHandler, StatusHandler
+from handlers.status import (
+    HealthHandler,
+    MetricsHandler,
+    OpenAPIHandler,
+    ReadyHandler,
+    StatusHandler,
+)
 from handlers.websocket import WebSocketConnections, WebSocketHandler
 from server.codecs.centrifuge import CENTRIFUGE_JSON, SUBPROTOCOLS
 from server.node import Node
@@ -77,6 +83,7 @@ def make_app(node: Node) -> tornado.web.Application:
                 ApiStreamHandler,
                 {"node": node, "streams": ApiStreams(node)},
             ),
+            (r"/api/openapi\.json", OpenAPIHandler, args),
             (r"/api/(batch)", ApiBatchHandler, args),
             (r"/api/([a-z_]+)", ApiHandler, args),
             (r"/health", HealthHandler, args),

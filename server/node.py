@@ -45,6 +45,8 @@ from server.store import Store, StoreConflict, StoreUnavailable
 from server.store.sqlite import SQLiteStore
 from server.tasks import BackgroundTasks
 
+# The largest integer a search index stores.
+_MAX_INT64 = 2**63 - 1
 log = logging.getLogger("squall.node")
 
 
@@ -631,6 +633,8 @@ class Node:
             after = decode_cursor(params["cursor"]) if params.get("cursor") is not None else None
         except BadSearch as exc:
             raise errors.BadRequest(str(exc)) from None
+        if after is not None and not -_MAX_INT64 <= after[0] <= _MAX_INT64:
+            raise errors.BadRequest("'cursor' is not one this server gave out")
         limit = params.get("limit", 20)
         max_limit = self.settings.search.max_limit
         if type(limit) is not int or not 1 <= limit:
@@ -638,7 +642,8 @@ class Node:
         times = {}
         for key in ("since", "until"):
             value = params.get(key)
-            if value is not None and (type(value) is not int or value < 0):
+            # (A search index stores 64-bit integers.)
+            if value is not None and (type(value) is not int or not 0 <= value <= _MAX_INT64):
                 raise errors.BadRequest(f"'{key}' must be a time in milliseconds since the epoch")
             times[key] = value
         user = params.get("user")

@@ -291,7 +291,8 @@ async def test_api_key_required(server: Running) -> None:
 async def test_get_is_refused(server: Running) -> None:
     client = tornado.httpclient.AsyncHTTPClient()
     response = await client.fetch(f"{server.http_url}/api/batch", raise_error=False)
-    assert response.code == 404
+    assert response.code == 405
+    assert response.headers["Allow"] == "POST"
     assert "POST" in orjson.loads(response.body)["error"]["message"]
 
 
