@@ -457,9 +457,12 @@ class KeepAliveConnection:
         if self._flush_handle is None:
             # Replies made in the same turn of the loop share a send.
             self._flush_handle = self._loop.call_soon(self._flush_soon)
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        level = (
+            logging.DEBUG if status < 400 else (logging.WARNING if status < 500 else logging.ERROR)
+        )
         if access_log.isEnabledFor(level):
-            # The line Tornado's access log (server.app.log_request) writes.
+            # The line Tornado's access log (server.app.log_request) writes,
+            # at its levels (successful API calls at debug).
             access_log.log(
                 level,
                 "%d POST %s %.1fms",

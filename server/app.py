@@ -41,11 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 access_log = logging.getLogger("squall.access")
 
 
+def quiet_path(path: str) -> bool:
+    """Paths whose successful requests are logged at debug only: probes,
+    and the API, which a back end may call thousands of times a second
+    (its errors are still logged; /metrics counts every call)."""
+    return path in ("/health", "/ready") or path.startswith("/api/")
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without query strings: SSE tokens travel there."""
     status = handler.get_status()
     if status < 400:
-        level = logging.DEBUG if handler.request.path in ("/health", "/ready") else logging.INFO
+        level = logging.DEBUG if quiet_path(handler.request.path) else logging.INFO
     elif status < 500:
         level = logging.WARNING
     else:
