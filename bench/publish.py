@@ -18,7 +18,10 @@ Paths:
   ``{"commands": [{"publish": {...}}]}``;
 - ``stream``: Squall's API stream (``GET /api/connection/websocket``), one
   WebSocket, frames of 100 commands pipelined with at most ``--window``
-  frames unanswered (``bench.wsproto.ApiStreamPublisher``); Squall only.
+  frames unanswered (``bench.wsproto.ApiStreamPublisher``); Squall only;
+- ``client``: one client WebSocket (a token; Squall's protocol, or
+  Centrifugo's for Centrifugo) publishing one command a frame, as the SDKs
+  do, at most 100 × ``--window`` unanswered (``bench.wsproto.ClientPublisher``).
 
 Peers: ``squall`` (embedded broker), ``squall_redis`` (one process on a
 Redis server of its own; CPU counts Redis too), ``centrifugo`` (memory
@@ -61,19 +64,27 @@ from bench.run import (
     descendants,
     free_port,
     hello,
+    publisher_hello,
     raise_fd_limit,
     start_peer,
     stop_peer,
     write_results,
 )
-from bench.wsproto import OFFSET, ApiStreamPublisher, BatchPublisher, frame, until
+from bench.wsproto import (
+    OFFSET,
+    ApiStreamPublisher,
+    BatchPublisher,
+    ClientPublisher,
+    frame,
+    until,
+)
 
 CHANNELS = 10_000
 BATCH = 100  # publications a batch request, and commands an API stream frame
 CONNECTIONS = 32  # wrk's keep-alive connections
 # What each publication carries besides its channel (about 100 bytes of JSON).
 DATA = '{"text":"hello from the publish bench","pad":"' + "x" * 48 + '"}'
-PATHS = ("single", "batch", "stream")
+PATHS = ("single", "batch", "stream", "client")
 PUBLISH_PEERS = ("squall", "squall_redis", "centrifugo", "centrifugo_redis")
 
 
@@ -309,8 +320,10 @@ async def one_run(
                     return sum(s.count for s in subs)
 
                 try:
-                    if path == "stream":
-                        r = await _stream(base, port, pids, seconds, window, delivered)
+                    if path in ("stream", "client"):
+                        r = await _stream(
+                            base, port, pids, seconds, window, delivered, client=path == "client"
+                        )
                     else:
                         r = await _wrk(base, path, port, pids, seconds, Path(tmp), delivered)
                 finally:
@@ -384,6 +397,20 @@ def stream_frames() -> list[bytes]:
     return out
 
 
+def client_frames(peer: str) -> list[bytes]:
+    """CHANNELS masked frames of one publish command each, in the client
+    protocol of ``peer`` (ids from 2: 1 is the connect)."""
+    out = []
+    for c in range(CHANNELS):
+        publish = f'{{"channel":"bench:c{c}","data":{DATA}}}'
+        if peer == "centrifugo":
+            line = f'{{"id":{c + 2},"publish":{publish}}}'
+        else:
+            line = f'{{"id":{c + 2},"method":"publish","params":{publish}}}'
+        out.append(frame(line.encode()))
+    return out
+
+
 async def _stream(
     peer: str,
     port: int,
@@ -391,16 +418,34 @@ async def _stream(
     seconds: float,
     window: int,
     delivered: Callable[[], int],
+    *,
+    client: bool = False,
 ) -> PublishResult:
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
-    _, pub = await loop.create_connection(
-        lambda: ApiStreamPublisher(
-            f"127.0.0.1:{port}", API_KEY, stream_frames(), BATCH, window, ready.set
-        ),
-        "127.0.0.1",
-        port,
-    )
+    host = f"127.0.0.1:{port}"
+    pub: ApiStreamPublisher
+    if client:
+        # One client connection (a token, the bench namespace allows
+        # client publishes), one publish command a frame, as SDKs send them.
+        _, pub = await loop.create_connection(
+            lambda: ClientPublisher(
+                "/connection/websocket",
+                host,
+                publisher_hello(peer),
+                client_frames(peer),
+                window * BATCH,
+                ready.set,
+            ),
+            "127.0.0.1",
+            port,
+        )
+    else:
+        _, pub = await loop.create_connection(
+            lambda: ApiStreamPublisher(host, API_KEY, stream_frames(), BATCH, window, ready.set),
+            "127.0.0.1",
+            port,
+        )
     try:
         await asyncio.wait_for(ready.wait(), 10)
         pub.start()
@@ -416,18 +461,18 @@ async def _stream(
         await until(lambda: pub.answered >= pub.commands or pub.gone, 30)
         errors = pub.failed + (pub.commands - pub.answered)
         if pub.errors:
-            print(f"  {peer} stream errors: {pub.errors[:2]!r}", flush=True)
+            print(f"  {peer} {'client' if client else 'stream'} errors: {pub.errors[:2]!r}")
     finally:
         if pub.transport is not None:
             pub.transport.close()
     return PublishResult(
         peer=peer,
-        path="stream",
+        path="client" if client else "stream",
         subscribers=0,
         seconds=round(elapsed, 3),
         publications=n,
         publications_per_s=round(n / elapsed, 1),
-        requests_per_s=round(n / BATCH / elapsed, 1),
+        requests_per_s=round(n / (1 if client else BATCH) / elapsed, 1),
         cpu_us_per_publication=round(cpu * 1e6 / max(n, 1), 3),
         errors=errors,
         deliveries_per_publication=round(d / max(n, 1), 3),

@@ -544,3 +544,37 @@ class BatchPublisher(HttpPublisher):
             if not status.startswith(b"HTTP/1.1 200") or b'"error"' in body:
                 if len(self.errors) < 10:
                     self.errors.append(status + b" " + body[:300])
+
+
+class ClientPublisher(ApiStreamPublisher):
+    """A client connection publishing (Squall's protocol or Centrifugo's):
+    connects with a token (``hello``), then sends pre-built, pre-masked
+    frames of one publish command each, at most ``window`` unanswered, and
+    counts the replies (every reply but the connect's, id 1)."""
+
+    def __init__(
+        self,
+        path: str,
+        host: str,
+        hello: list[bytes],
+        frames: list[bytes],
+        window: int,
+        ready: Callable[[], None],
+    ) -> None:
+        super().__init__(host, "", frames, 1, window, ready)
+        self.path = path
+        self.hello = list(hello)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Subscriber.connection_made(self, transport)
+
+    def on_text(self, payload: bytes) -> None:
+        for line in payload.split(b"\n"):
+            if not line.startswith(b'{"id":') or line.startswith(b'{"id":1,'):
+                continue  # the connect reply, or a push
+            self.answered += 1
+            if b'"error"' in line:
+                self.failed += 1
+                if len(self.errors) < 10:
+                    self.errors.append(line[:300])
+        self.fill()
