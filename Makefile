@@ -131,3 +131,12 @@ bench-publish: bench-deps
 soak: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m reliability.soak $(SOAK_ARGS)
+
+# A Jepsen-style chaos campaign (reliability/chaos/README.md): three nodes
+# behind HAProxy on Redis and a shared durable log, faults through Toxiproxy
+# and signals, every client's history checked. CHAOS_SECONDS (300),
+# CHAOS_SEED (random; the report names it), CHAOS_SUBSCRIBERS (1000).
+.PHONY: chaos
+chaos: $(STAMP) services
+	@scripts/build-toxiproxy.sh
+	$(BIN)/python -m reliability.chaos $(CHAOS_ARGS)

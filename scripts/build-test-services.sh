@@ -7,6 +7,8 @@
 #     Maven Central; scripts/opensearch/);
 #   - Centrifugo v6.9.1, the reference server of the Centrifugo-protocol tests
 #     (Go module proxy; scripts/build-centrifugo.sh);
+#   - Toxiproxy, the chaos campaign's fault proxy (Go module proxy;
+#     scripts/build-toxiproxy.sh);
 #   - the centrifuge-java SDK's scenario program (Maven Central;
 #     scripts/build-java-sdk-tests.sh);
 #   - the jars of NAV's mock-oauth2-server, an OpenID Connect provider for the
@@ -91,5 +93,6 @@ fi
 
 # ---- Centrifugo and the Java SDK's scenario ---------------------------------
 bash scripts/build-centrifugo.sh || status=1
+bash scripts/build-toxiproxy.sh || status=1
 bash scripts/build-java-sdk-tests.sh || status=1
 exit $status
