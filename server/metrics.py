@@ -7,6 +7,7 @@ only when scraped, so a delivery costs no lock and no label lookup.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
 from collections import deque
@@ -48,6 +49,12 @@ class Metrics:
         self.api_calls: dict[str, int] = {}
         self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=61)
         self._sampler: asyncio.Task[None] | None = None
+        # Event-loop lag: how late a LAG_INTERVAL timer fires. Cumulative
+        # histogram counts, their sum, and the last minute's samples.
+        self.lag_buckets = [0] * (len(LAG_BUCKETS) + 1)
+        self.lag_sum = 0.0
+        self.lag_recent: deque[float] = deque(maxlen=int(60 / LAG_INTERVAL))
+        self._lag_probe: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self, node))
 
@@ -69,13 +76,42 @@ class Metrics:
 
     def start(self) -> None:
         self.sample()
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+        loop = asyncio.get_running_loop()
+        self._sampler = loop.create_task(self._sample_forever())
+        self._lag_probe = loop.create_task(self._probe_lag())
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._sampler
+        for task in (self._sampler, self._lag_probe):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+
+    async def _probe_lag(self) -> None:
+        """Ten times a second: how much later than asked a timer fired. Every
+        callback, read and write of the loop delays it, so it is the wait a
+        message or a request sees before the loop gets to it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + LAG_INTERVAL
+            await asyncio.sleep(LAG_INTERVAL)
+            self.record_lag(max(0.0, loop.time() - asked))
+
+    def record_lag(self, lag: float) -> None:
+        self.lag_buckets[bisect.bisect_left(LAG_BUCKETS, lag)] += 1
+        self.lag_sum += lag
+        self.lag_recent.append(lag)
+
+    def lag_summary(self) -> dict[str, float]:
+        """Loop lag over the last minute, in ms: p50, p99 and max."""
+        recent = sorted(self.lag_recent)
+        if not recent:
+            return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+
+        def pct(p: float) -> float:
+            return round(1000 * recent[min(len(recent) - 1, int(p * len(recent)))], 2)
+
+        return {"p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": round(1000 * recent[-1], 2)}
 
     def sample(self) -> None:
         self._samples.append(
@@ -115,6 +151,10 @@ class Metrics:
             )
         return out
 
+
+# The loop-lag probe's period and its histogram's bucket bounds (seconds).
+LAG_INTERVAL = 0.1
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Only known methods get their own label, so clients cannot grow it.
 _KNOWN_METHODS = METHODS | CENTRIFUGE_METHODS
@@ -201,6 +241,43 @@ class _Collector:
         yield api
         if node.proxy is not None:
             yield from _proxy_families(node.proxy.stats)
+        yield from _health_families(m, node)
+
+
+def _health_families(m: Metrics, node: Node) -> Iterator[Metric]:
+    """What a soak test watches for leaks and stalls: loop lag, tasks, and
+    what the sessions hold for their clients."""
+    lag = HistogramMetricFamily(
+        "squall_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer"
+    )
+    cumulative, buckets = 0, []
+    for bound, n in zip((*LAG_BUCKETS, float("inf")), m.lag_buckets, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    lag.add_metric([], buckets, sum_value=m.lag_sum)
+    yield lag
+    yield GaugeMetricFamily(
+        "squall_event_loop_lag_max_seconds",
+        "The longest loop lag of the last minute",
+        value=max(m.lag_recent, default=0.0),
+    )
+    yield GaugeMetricFamily(
+        "squall_asyncio_tasks",
+        "asyncio tasks alive in this process",
+        value=len(asyncio.all_tasks()),
+    )
+    queued = longest = 0
+    for session in node.sessions.values():
+        queued += session.queued_bytes
+        longest = max(longest, session.queued_messages)
+    yield GaugeMetricFamily(
+        "squall_send_queue_bytes", "Bytes queued for clients, not yet written", value=queued
+    )
+    yield GaugeMetricFamily(
+        "squall_send_queue_messages_max",
+        "The longest send queue of a connection, in messages",
+        value=longest,
+    )
 
 
 def _proxy_families(stats: ProxyStats) -> Iterator[Metric]:

@@ -889,6 +889,7 @@ class Node:
             "channels": self.hub.channel_count,
             "draining": self.draining,
             "rates": self.metrics.rates(),
+            "loop_lag": self.metrics.lag_summary(),
             "totals": {
                 "publications_in": self.metrics.publications_in,
                 "deliveries": self.metrics.deliveries,

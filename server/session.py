@@ -372,6 +372,15 @@ class Session:
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages queued for this client, not yet written."""
+        return self._qbytes
+
+    @property
+    def queued_messages(self) -> int:
+        return len(self._queue)
+
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.state.name}>"
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 import orjson
 import tornado.httpclient
 
@@ -78,3 +82,37 @@ async def test_index_page(server: Running) -> None:
     assert page.code == 200
     assert server.node.version in page.body.decode()
     assert "/connection/websocket" in page.body.decode()
+
+
+async def test_loop_lag_tasks_and_queues_are_exposed(server: Running) -> None:
+    """What a soak test watches: loop lag (a blocked loop shows), the number
+    of asyncio tasks, and what the sessions hold for their clients."""
+    raw = await server.connected()
+    await raw.call("subscribe", {"channel": "news"})
+    time.sleep(0.3)  # noqa: ASYNC251 - the loop blocked on purpose: its lag probe fires late
+    status: dict[str, Any] = {}
+
+    async def lag_seen() -> bool:
+        status.update(orjson.loads((await fetch(server, "/status")).body))
+        # (The probe's timer was due within 100 ms of the block's start.)
+        return status["loop_lag"]["max_ms"] >= 190
+
+    for _ in range(50):
+        if await lag_seen():
+            break
+        await asyncio.sleep(0.05)
+    assert status["loop_lag"]["max_ms"] >= 190, status["loop_lag"]
+    assert status["loop_lag"]["p50_ms"] <= status["loop_lag"]["max_ms"]
+    text = (await fetch(server, "/metrics")).body.decode()
+    assert 'squall_event_loop_lag_seconds_bucket{le="0.25"}' in text
+    assert 'squall_event_loop_lag_seconds_bucket{le="+Inf"}' in text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    top = values["squall_event_loop_lag_max_seconds"]
+    assert top >= 0.19
+    assert values["squall_asyncio_tasks"] >= 2  # at least the metrics' own probes
+    assert values["squall_send_queue_bytes"] == 0  # nothing waits for an idle client
+    assert values["squall_send_queue_messages_max"] == 0
