@@ -640,7 +640,9 @@ class RedisBroker:
         asked for since the last batch, and likewise one UNSUBSCRIBE."""
         self._batch_scheduled = False
         pending, self._pending_sub = self._pending_sub, {}
-        unsub, self._pending_unsub = self._pending_unsub, set()
+        # The unsubscribes stay pending (a subscribe meanwhile cancels one)
+        # until _unsubscribe_batch decides, after the subscribes' awaits.
+        unsub = set(self._pending_unsub)
         self._joining.update(pending)
         try:
             await self._subscribe_batch(pending)
@@ -675,6 +677,12 @@ class RedisBroker:
     async def _unsubscribe_batch(self, unsub: set[str]) -> None:
         gone: dict[_PubSub, list[str]] = {}
         for channel in unsub:
+            if channel not in self._pending_unsub:
+                # A local subscriber came back while this batch was busy
+                # (subscribe() took it off the pending set): keep it, or
+                # the node stays deaf to the channel for good.
+                continue
+            self._pending_unsub.discard(channel)
             if channel in self._subscribed and channel not in self._pending_sub:
                 self._subscribed.discard(channel)
                 self._last.pop(channel, None)
