@@ -44,6 +44,7 @@ from redis.backoff import ExponentialBackoff
 
 from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict, PresenceEdge
 from server.broker import redis_lua as lua
+from server.broker.resp import NotSent, run_script_calls
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 from server.tasks import BackgroundTasks
 
@@ -61,6 +62,9 @@ log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# A connection lost after a pipeline was sent: its calls may have run
+# (a publish answered with this may have been made).
+SENT_MAYBE_RAN = "the connection broke after the commands were sent: they may have run"
 DEFAULT_META_TTL = 86400
 
 
@@ -283,7 +287,14 @@ class _GroupCommit:
                 batch = [call for _, call in taken]
                 try:
                     replies = await self._send(batch)
-                except BrokerUnavailable as exc:
+                except Exception as exc:
+                    # Its callers get the error; the calls after it still go.
+                    # (Anything but BrokerUnavailable is unexpected: a
+                    # transport closed under us, say. It used to end this
+                    # loop and fail every waiting call as "closing".)
+                    if not isinstance(exc, BrokerUnavailable):
+                        log.warning("redis: %s pipeline failed: %r", self._script, exc)
+                        exc = BrokerUnavailable(f"redis: {exc!r}")
                     for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(BrokerUnavailable(str(exc)))
@@ -312,12 +323,13 @@ class _GroupCommit:
     ) -> list[Any]:
         shard = self._shard
         try:
-            pipe = shard.client.pipeline(transaction=False)
-            for keys, args, _ in calls:
-                await shard.scripts[self._script](keys=keys, args=args, client=pipe)
-            return list(await pipe.execute(raise_on_error=False))
-        except _REDIS_ERRORS as exc:
+            return await run_script_calls(
+                shard.client, shard.scripts[self._script], [(k, a) for k, a, _ in calls]
+            )
+        except NotSent as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc} ({SENT_MAYBE_RAN})") from None
 
 
 class _WaitingCluster(RedisCluster):

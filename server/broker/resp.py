@@ -73,9 +73,11 @@ async def run_script_calls(
     """``EVALSHA`` each (keys, args) of ``calls`` on one connection of
     ``client``'s pool, all in one write, and read the replies in order; with
     ``tail``, one more command after them (a ``WAIT``), its reply last. An
-    error reply comes back as its exception, in its place; a lost
-    connection raises (redis-py's ``ConnectionError`` or ``TimeoutError``,
-    or ``OSError``), and then any of the calls may or may not have run.
+    error reply comes back as its exception, in its place. ``NotSent``:
+    no connection, nothing ran. A connection lost after the write began
+    raises redis-py's ``ConnectionError`` or ``TimeoutError`` (or
+    ``OSError``): then any of the calls may or may not have run. Nothing is
+    retried here: a publish sent twice would be made twice.
 
     Redis runs one connection's commands in order, so the calls run in
     ``calls``' order. A server that does not know the script (a restart, a
@@ -94,9 +96,16 @@ async def run_script_calls(
     return replies
 
 
+class NotSent(Exception):
+    """The commands never left: no connection could be had. Nothing ran."""
+
+
 async def _round_trip(client: Any, packed: bytes, count: int) -> list[Any]:
     pool = client.connection_pool
-    conn = await pool.get_connection()
+    try:
+        conn = await pool.get_connection()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise NotSent(str(exc) or type(exc).__name__) from exc
     try:
         await conn.send_packed_command(packed)
         replies: list[Any] = []
