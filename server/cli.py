@@ -248,6 +248,17 @@ def _check_config(settings: Settings) -> int:
         f"config OK: listen {settings.server.host}:{settings.server.port}, "
         f"data {settings.data_path}, namespaces: {names}"
     )
+    if settings.broker.url:
+        from server.broker import safe_broker_url
+
+        # (Never a password: no user info, no query.)
+        acks = settings.broker.min_replicas_ack
+        waits = (
+            f", min_replicas_ack {acks} ({settings.broker.replicas_ack_timeout_ms} ms)"
+            if acks
+            else ""
+        )
+        print(f"broker: {safe_broker_url(settings.broker.url)}{waits}")
     for app in settings.pusher.apps:
         # (Never the secret.)
         hooks = f", {len(app.webhooks)} webhook(s)" if app.webhooks else ""

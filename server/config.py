@@ -100,7 +100,9 @@ class LimitSettings:
 @dataclass(slots=True)
 class BrokerSettings:
     # Empty: the embedded broker. redis://host:port/db; several comma-separated
-    # redis:// URLs shard channels; redis+cluster://host:port uses Redis Cluster.
+    # redis:// URLs shard channels; redis+cluster://host:port uses Redis Cluster;
+    # redis+sentinel://h1:26379,h2:26379/<master-name> follows the master that
+    # Redis Sentinel names (also as one shard of a list).
     url: str = ""
     prefix: str = "squall"
     timeout: float = 5.0
@@ -110,6 +112,11 @@ class BrokerSettings:
     position_check_interval: float = 10.0
     # Seconds between reports of this node's stats to the cluster view.
     node_report_interval: float = 5.0
+    # After a publish's write, WAIT until this many replicas have it (0: off);
+    # fewer within replicas_ack_timeout_ms fail the publish (503; it may
+    # still have been delivered). Not on redis+cluster://.
+    min_replicas_ack: int = 0
+    replicas_ack_timeout_ms: int = 100
 
 
 @dataclass(slots=True)
@@ -327,6 +334,7 @@ _POSITIVE = {
     "presence_ttl",
     "position_check_interval",
     "node_report_interval",
+    "replicas_ack_timeout_ms",
     "session_hours",
     "max_pool_size",
     "expire_interval",
@@ -569,15 +577,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("auth.token_secret", "must be at least 32 bytes long")
     if settings.auth.api_key and len(settings.auth.api_key) < 16:
         raise ConfigError("auth.api_key", "must be at least 16 characters")
-    for url in (u.strip() for u in settings.broker.url.split(",") if u.strip()):
-        if urlsplit(url).scheme not in ("redis", "rediss", "redis+cluster"):
-            raise ConfigError(
-                "broker.url", f"expected redis://, rediss:// or redis+cluster:// URLs, got {url!r}"
-            )
+    _validate_broker(settings.broker)
     _validate_store_and_search(settings)
     _validate_proxy(settings)
-    if settings.broker.url.count("redis+cluster://") not in (0, settings.broker.url.count("://")):
-        raise ConfigError("broker.url", "do not mix redis+cluster:// with other URLs")
     limits = settings.limits
     if limits.max_frame_bytes < limits.max_publication_bytes + 1024:
         raise ConfigError(
@@ -621,6 +623,43 @@ def _validate(settings: Settings) -> None:
                 raise ConfigError(
                     f"namespaces.{name}.search_fields", f"bad field path {path!r} (a.b.c)"
                 )
+
+
+def _validate_broker(broker: BrokerSettings) -> None:
+    from server.broker import SENTINEL_SCHEME, SentinelURL, safe_broker_url, split_broker_urls
+
+    urls = split_broker_urls(broker.url)
+    for url in urls:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "redis+cluster", SENTINEL_SCHEME):
+            raise ConfigError(
+                "broker.url",
+                "expected redis://, rediss://, redis+cluster:// or redis+sentinel:// URLs, "
+                f"got {safe_broker_url(url)!r}",
+            )
+        if scheme == SENTINEL_SCHEME:
+            try:
+                target = SentinelURL.parse(url)
+            except ValueError as exc:
+                raise ConfigError("broker.url", f"{safe_broker_url(url)}: {exc}") from None
+            if target.options:
+                raise ConfigError(
+                    "broker.url",
+                    f"{safe_broker_url(url)}: unknown option(s) {sorted(target.options)}; "
+                    "known: db, password, username, sentinel_password, sentinel_username",
+                )
+    if broker.url.count("redis+cluster://") not in (0, broker.url.count("://")):
+        raise ConfigError("broker.url", "do not mix redis+cluster:// with other URLs")
+    if broker.min_replicas_ack:
+        if not urls:
+            raise ConfigError("broker.min_replicas_ack", "needs a Redis broker (broker.url)")
+        if "redis+cluster://" in broker.url:
+            raise ConfigError("broker.min_replicas_ack", "is not supported with redis+cluster://")
+        if broker.replicas_ack_timeout_ms >= broker.timeout * 1000:
+            # The WAIT would outlast the command's socket timeout.
+            raise ConfigError(
+                "broker.replicas_ack_timeout_ms", "must be shorter than broker.timeout"
+            )
 
 
 def _validate_jwks(auth: AuthSettings, uses_hs: bool) -> None:

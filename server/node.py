@@ -70,6 +70,8 @@ def build_broker(settings: Settings) -> Broker:
         presence_ttl=b.presence_ttl,
         position_check_interval=b.position_check_interval,
         node_ttl=b.node_report_interval * 3,
+        min_replicas_ack=b.min_replicas_ack,
+        replicas_ack_timeout_ms=b.replicas_ack_timeout_ms,
     )
 
 

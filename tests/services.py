@@ -6,6 +6,7 @@ loud reason, unless SQUALL_REQUIRE_SERVICES=1 (CI), where they fail.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -211,6 +212,149 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelSet:
+    """A Redis master, one replica (``replicaof``) and three sentinels
+    (``redis-server --sentinel``, quorum 2) on free loopback ports, tuned so
+    a failover takes a few seconds. The sentinels know each other from the
+    start (``known-sentinel``), so no discovery wait."""
+
+    def __init__(self, name: str = "squall", *, down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 3000) -> None:  # fmt: skip
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        # No 5 s wait before a full sync (either may be master later).
+        self.master = RedisServer("--repl-diskless-sync-delay", "0")
+        self.replica = RedisServer("--repl-diskless-sync-delay", "0")
+        self.sentinel_ports: list[int] = []
+        self.sentinels: list[_Process] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-sentinel-"))
+        cli = shutil.which("redis-cli")
+        require("redis-cli", cli is not None, "apt-get install redis-tools")
+        assert cli is not None
+        self.cli_path = cli
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.name}"
+
+    def start(self) -> RedisSentinelSet:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.master.start()
+        self.replica.extra = (*self.replica.extra, "--replicaof", "127.0.0.1",
+                              str(self.master.port))  # fmt: skip
+        self.replica.start()
+        wait_until(lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
+                   15, "the replica in sync")  # fmt: skip
+        # Just after its first sync a replica can take most of a second to
+        # acknowledge writes; tests that count on WAIT start after that.
+        wait_until(lambda: self.replica_acks(100) == 1, 15, "the replica to acknowledge writes")
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        ids = [hashlib.sha1(f"{id(self)}-{i}".encode()).hexdigest() for i in range(3)]
+        for i, port in enumerate(self.sentinel_ports):
+            others = [f"sentinel known-sentinel {self.name} 127.0.0.1 {p} {ids[j]}"
+                      for j, p in enumerate(self.sentinel_ports) if j != i]  # fmt: skip
+            conf = self.dir / f"sentinel-{port}.conf"
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.dir}",
+                f"sentinel myid {ids[i]}",
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2",
+                f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.name} 1",
+                f"sentinel known-replica {self.name} 127.0.0.1 {self.replica.port}",
+                *others, "",
+            ]))  # fmt: skip
+            proc = _Process()
+            ready = functools.partial(port_open, port)
+            proc._spawn([self.master.binary, str(conf), "--sentinel"],
+                        self.dir / f"sentinel-{port}.log", ready, 10,
+                        f"redis sentinel on {port}")  # fmt: skip
+            self.sentinels.append(proc)
+        wait_until(self._sentinels_ready, 20, "sentinels that see the master, replica and peers")
+
+    def sentinel_cli(self, index: int, *args: str) -> str:
+        out = subprocess.run([self.cli_path, "-p", str(self.sentinel_ports[index]), *args],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout
+
+    def _master_state(self, index: int) -> dict[str, str]:
+        lines = self.sentinel_cli(index, "sentinel", "master", self.name).split("\n")
+        return dict(zip(lines[0::2], lines[1::2], strict=False))
+
+    def _sentinels_ready(self) -> bool:
+        for i in range(len(self.sentinels)):
+            state = self._master_state(i)
+            if state.get("num-other-sentinels") != "2" or state.get("num-slaves") != "1":
+                return False
+        return True
+
+    def master_port(self, index: int = 0) -> int | None:
+        """The master's port as sentinel ``index`` reports it."""
+        lines = self.sentinel_cli(index, "sentinel", "get-master-addr-by-name", self.name).split()
+        return int(lines[1]) if len(lines) >= 2 else None
+
+    def kill_master(self) -> int:
+        """SIGKILL the current master (by its PID); returns its port."""
+        port = self.master.port
+        self.master.kill()
+        return port
+
+    def wait_for_new_master(self, old_port: int, timeout: float = 30.0) -> int:
+        """Wait until every sentinel names a master other than ``old_port``
+        and that server says it is master; returns its port."""
+
+        def moved() -> bool:
+            ports = {self.master_port(i) for i in range(len(self.sentinels))}
+            if len(ports) != 1 or None in ports or old_port in ports:
+                return False
+            port = ports.pop()
+            server = self.replica if port == self.replica.port else self.master
+            return "role:master" in server.cli("info", "replication")
+
+        wait_until(moved, timeout, "sentinels to report a new master")
+        new_port = self.master_port(0)
+        assert new_port is not None
+        if new_port == self.replica.port:
+            # The promoted replica is the master now.
+            self.master, self.replica = self.replica, self.master
+        return new_port
+
+    def replica_acks(self, timeout_ms: int) -> int:
+        """Write a key on the master, then ``WAIT 1 timeout_ms`` on the same
+        connection: how many replicas acknowledged it."""
+        out = subprocess.run([self.cli_path, "-p", str(self.master.port)],
+                             input=f"set squall-test:ack x\nwait 1 {timeout_ms}\n",
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        lines = out.stdout.split()
+        return int(lines[-1]) if lines and lines[-1].isdigit() else 0
+
+    def cut_replication(self) -> None:
+        """Keep the replica from hearing anything more from the master (it
+        fails to authenticate on each reconnect), so what is written from
+        now on exists on the master only."""
+        self.replica.cli("config", "set", "masterauth", "not-the-password")
+        self.replica.cli("client", "kill", "type", "master")
+        wait_until(lambda: "master_link_status:down" in self.replica.cli("info", "replication"),
+                   10, "the replica cut off")  # fmt: skip
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc._stop()
+        self.sentinels = []
+        self.master.stop()
+        self.replica.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- HAProxy -------------------------------------------------------------

@@ -18,14 +18,31 @@ Guarantees every implementation keeps (the contract tests check them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 
 
 class BrokerUnavailable(Exception):
     """The broker's backend cannot be reached; the publish did not happen."""
+
+
+class ReplicasNotAcknowledged(BrokerUnavailable):
+    """``broker.min_replicas_ack``: fewer replicas than required confirmed a
+    publish within ``broker.replicas_ack_timeout_ms``. Unlike a plain
+    ``BrokerUnavailable``, the publication was written on the master and may
+    still be delivered and kept (or lost in a failover)."""
+
+    def __init__(self, acked: int, required: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"redis: {acked} of {required} required replica(s) acknowledged the publication "
+            f"within {timeout_ms} ms; it was written on the master and may still be "
+            "delivered, or lost in a failover"
+        )
+        self.acked = acked
+        self.required = required
 
 
 class OffsetConflict(Exception):
@@ -155,3 +172,119 @@ class Broker(Protocol):
         ...
 
     def healthy(self) -> bool: ...
+
+
+# ---- broker URLs ------------------------------------------------------------
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+def split_broker_urls(url: str) -> list[str]:
+    """A comma-separated list of broker URLs. A piece without ``://`` belongs
+    to the URL before it: one more host of ``redis+sentinel://h1,h2/name``
+    or ``redis+cluster://h1,h2``."""
+    out: list[str] = []
+    for piece in (p.strip() for p in url.split(",")):
+        if not piece:
+            continue
+        if "://" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
+@dataclass(slots=True, frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]h1:26379,h2:26379/<master>[/<db>]``
+    with optional ``?db=``, ``password=``, ``username=`` (the data servers')
+    and ``sentinel_password=``, ``sentinel_username=`` (the sentinels')."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username = password = None
+        if userinfo:
+            user, sep, pw = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(pw) if sep else None
+            if not sep:  # redis+sentinel://secret@h1/name: a password alone
+                username, password = None, unquote(user)
+        sentinels = []
+        for host_port in hosts.split(","):
+            host_port = host_port.strip()
+            if not host_port:
+                continue
+            if host_port.startswith("["):  # [::1]:26379
+                host, _, rest = host_port[1:].partition("]")
+                port_text = rest.lstrip(":")
+            else:
+                host, _, port_text = host_port.rpartition(":")
+                if not host:
+                    host, port_text = port_text, ""
+            try:
+                port = int(port_text) if port_text else 26379
+            except ValueError:
+                raise ValueError(f"bad sentinel port in {host_port!r}") from None
+            if not host or not 0 < port < 65536:
+                raise ValueError(f"bad sentinel address {host_port!r}")
+            sentinels.append((host, port))
+        if not sentinels:
+            raise ValueError("no sentinel address")
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("the master's name is missing (redis+sentinel://h:26379/<name>)")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        db_text = query.pop("db", path[1] if len(path) > 1 else "0")
+        try:
+            db = int(db_text)
+        except ValueError:
+            raise ValueError(f"bad db {db_text!r}") from None
+        if len(path) > 2 or db < 0:
+            raise ValueError("expected /<master-name>[/<db>] as the path")
+        return cls(
+            sentinels=tuple(sentinels),
+            master=path[0],
+            db=db,
+            username=query.pop("username", username),
+            password=query.pop("password", password),
+            sentinel_username=query.pop("sentinel_username", None),
+            sentinel_password=query.pop("sentinel_password", None),
+            options=query,
+        )
+
+    def safe(self) -> str:
+        """The URL without passwords, for logs and ``squall check-config``."""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+        db = f"/{self.db}" if self.db else ""
+        return f"{SENTINEL_SCHEME}://{hosts}/{self.master}{db}"
+
+
+def safe_broker_url(url: str) -> str:
+    """A broker URL (list) without user info, passwords or query: fit for a
+    log line or ``squall check-config``."""
+    out = []
+    for one in split_broker_urls(url):
+        if one.startswith(SENTINEL_SCHEME + "://"):
+            try:
+                out.append(SentinelURL.parse(one).safe())
+            except ValueError:
+                out.append(f"{SENTINEL_SCHEME}://(invalid)")
+            continue
+        scheme, _, rest = one.partition("://")
+        hosts = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        path = rest[len(rest.split("/", 1)[0]) :].split("?", 1)[0]
+        out.append(f"{scheme}://{hosts}{path}")
+    return ",".join(out)

@@ -11,6 +11,17 @@ Topologies, chosen by the URL:
 - ``redis+cluster://host:port[,host:port]``: a Redis Cluster (7+), with
   sharded pub/sub (SSUBSCRIBE/SPUBLISH) so a publication travels only inside
   its slot's shard.
+- ``redis+sentinel://h1:26379,h2:26379/<master-name>``: a master and its
+  replicas watched by Redis Sentinel (also as one shard of a list). Commands
+  and pub/sub connect to whichever server the sentinels name master; the
+  broker also asks them every ``SENTINEL_POLL`` seconds and, when the master
+  changed, drops its connections to the old one, so pub/sub reconnects and
+  resyncs as after any reconnect. Streams there carry their last writer
+  (see ``redis_lua``): after a failover, a stream the new master did not
+  write itself starts a new epoch, so no offset is ever given out twice.
+
+With ``min_replicas_ack``, each publish pipeline ends in ``WAIT``; a publish
+fewer replicas confirmed in time fails with ``ReplicasNotAcknowledged``.
 
 Every node, the publishing one included, delivers what it receives from
 Redis pub/sub, so all nodes see a channel in offset order. Redis drops a
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -40,9 +52,20 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
-from server.broker import BrokerHandler, BrokerUnavailable, OffsetConflict, PresenceEdge
+from server.broker import (
+    SENTINEL_SCHEME,
+    BrokerHandler,
+    BrokerUnavailable,
+    OffsetConflict,
+    PresenceEdge,
+    ReplicasNotAcknowledged,
+    SentinelURL,
+    safe_broker_url,
+    split_broker_urls,
+)
 from server.broker import redis_lua as lua
 from server.broker.resp import NotSent, run_script_calls
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
@@ -57,6 +80,8 @@ PIPELINE_MAX = 512
 # A publication Redis has had this long and a node has not seen is lost; a
 # younger one may still be on its way over pub/sub (seconds).
 IN_FLIGHT_GRACE = 1.0
+# Seconds between asking the sentinels who the master is.
+SENTINEL_POLL = 0.5
 
 log = logging.getLogger("squall.broker.redis")
 T = TypeVar("T")
@@ -133,9 +158,20 @@ def _presence_event(info: ClientInfo, edge: bool) -> bytes:
 class _PubSub:
     """One pub/sub connection (RESP2) and the task that reads it."""
 
-    def __init__(self, broker: RedisBroker, url: str, label: str, *, sharded: bool) -> None:
+    def __init__(
+        self,
+        broker: RedisBroker,
+        url: str,
+        label: str,
+        *,
+        sharded: bool,
+        factory: Callable[..., Any] | None = None,
+    ) -> None:
         self.broker = broker
         self.url = url
+        # Makes the client (keyword arguments: its connection options); by
+        # default one for ``url``.
+        self.factory = factory
         self.label = label
         self.sharded = sharded
         self.pubsub: Any = None
@@ -148,14 +184,17 @@ class _PubSub:
         timeout = self.broker.timeout
         # No socket timeout (it waits for messages), health checks instead;
         # RESP2, which reads messages twice as fast as RESP3 here.
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=timeout,
-            socket_timeout=None,
-            health_check_interval=10,
-            protocol=2,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
-        )
+        options: dict[str, Any] = {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": None,
+            "health_check_interval": 10,
+            "protocol": 2,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
+        }
+        if self.factory is not None:
+            client = self.factory(**options)
+        else:
+            client = aioredis.Redis.from_url(self.url, **options)
         self.pubsub = client.pubsub()
         # A first subscription opens the connection (a plain channel, allowed
         # on any cluster node). On every reconnect after it, redis-py
@@ -172,6 +211,14 @@ class _PubSub:
         if self.pubsub is not None:
             with contextlib.suppress(Exception):
                 await self.pubsub.aclose()
+
+    async def drop_connection(self) -> None:
+        """Close the connection under the reader: it reconnects (to wherever
+        the client's pool now points), resubscribes and resyncs."""
+        connection = getattr(self.pubsub, "connection", None)
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
 
     async def _on_connect(self, connection: Any) -> None:
         if not self.healthy:
@@ -232,6 +279,23 @@ class _PubSub:
                 fut = self.confirmations.pop(channel, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
+
+
+async def _execute(pipe: Any, **kwargs: Any) -> list[Any]:
+    """``pipe.execute``, and the pipeline's connection back in its pool
+    whatever happens: redis-py keeps it on the pipeline (which then warns
+    when collected) if a cancellation lands while it loads the scripts."""
+    done = False
+    try:
+        replies = list(await pipe.execute(**kwargs))
+        done = True
+        return replies
+    finally:
+        if pipe.connection is not None:
+            with contextlib.suppress(Exception):
+                if not done:  # it may hold half a reply: never reuse it
+                    await pipe.connection.disconnect()
+                await pipe.reset()
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -303,7 +367,9 @@ class _GroupCommit:
                 for (_, _, fut), reply in zip(batch, replies, strict=True):
                     if fut.done():
                         continue  # the caller gave up waiting
-                    if isinstance(reply, _REDIS_ERRORS):
+                    if isinstance(reply, BrokerUnavailable):
+                        fut.set_exception(reply)
+                    elif isinstance(reply, _REDIS_ERRORS):
                         fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
                     elif isinstance(reply, Exception):
                         fut.set_exception(reply)
@@ -322,14 +388,37 @@ class _GroupCommit:
         self, calls: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
     ) -> list[Any]:
         shard = self._shard
+        broker = self._broker
+        wait = self._script == "publish" and broker.min_replicas_ack > 0
+        # One WAIT for the whole pipeline: it is sent on the same connection,
+        # after every write of it.
+        tail = ("WAIT", broker.min_replicas_ack, broker.replicas_ack_timeout_ms) if wait else ()
         try:
-            return await run_script_calls(
-                shard.client, shard.scripts[self._script], [(k, a) for k, a, _ in calls]
+            replies = await run_script_calls(
+                shard.client, shard.scripts[self._script], [(k, a) for k, a, _ in calls], tail
             )
         except NotSent as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc} ({SENT_MAYBE_RAN})") from None
+        if not wait:
+            return replies
+        acked = replies.pop()
+        if isinstance(acked, Exception) or int(acked) < broker.min_replicas_ack:
+            count = 0 if isinstance(acked, Exception) else int(acked)
+            failed = 0
+            for i, reply in enumerate(replies):
+                # Only what was written: an offset conflict wrote nothing.
+                if not isinstance(reply, Exception) and reply and int(reply[0]) == 1:
+                    replies[i] = ReplicasNotAcknowledged(
+                        count, broker.min_replicas_ack, broker.replicas_ack_timeout_ms
+                    )
+                    failed += 1
+            broker.replicas_ack_failures += failed
+            if failed:
+                log.warning("redis %s: %d publication(s) acknowledged by %d of %d replica(s)",
+                            shard.label, failed, count, broker.min_replicas_ack)  # fmt: skip
+        return replies
 
 
 class _WaitingCluster(RedisCluster):
@@ -347,15 +436,38 @@ class _WaitingCluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
 
 
+class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's sentinel pool (connections to whichever server the
+    sentinels name master) that waits for a free connection when all are in
+    use, like the pool of a plain shard, instead of failing the command.
+    A connection to a server that is no longer the master is closed when it
+    comes back (redis-py closes only idle ones when the master changes)."""
+
+    async def release(self, connection: Any) -> None:
+        address = self.master_address
+        if address is not None and (connection.host, connection.port) != tuple(address):
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+        await super().release(connection)
+
+
 class _Shard:
-    """One Redis server, or a whole Redis Cluster: a command client with the
-    scripts, and the pub/sub connections (one, or one per cluster master)."""
+    """One Redis server, a master behind Sentinel, or a whole Redis Cluster:
+    a command client with the scripts, and the pub/sub connections (one, or
+    one per cluster master)."""
 
     def __init__(self, broker: RedisBroker, url: str, index: int) -> None:
         self.broker = broker
         self.url = url
         self.index = index
         self.cluster = url.startswith("redis+cluster://")
+        self.sentinel_url = (
+            SentinelURL.parse(url) if url.startswith(SENTINEL_SCHEME + "://") else None
+        )
+        self.sentinel: Sentinel | None = None
+        # The master's address as last learnt from the sentinels.
+        self.master: tuple[str, int] | None = None
+        self.label = f"shard {index}"
         self.client: Any = None
         self.scripts: dict[str, Any] = {}
         self.pubsubs: dict[str, _PubSub] = {}
@@ -383,6 +495,8 @@ class _Shard:
             for node in self.client.get_primaries():
                 url = f"redis://{node.host}:{node.port}/0"
                 self.pubsubs[node.name] = _PubSub(self.broker, url, node.name, sharded=True)
+        elif self.sentinel_url is not None:
+            await self._start_sentinel(kwargs)
         else:
             kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
             # A burst of subscribes (a reconnect storm) wants more commands in
@@ -393,14 +507,85 @@ class _Shard:
                 self.url, max_connections=POOL_SIZE, timeout=timeout, **kwargs
             )
             self.client = aioredis.Redis.from_pool(pool)  # closes the pool with it
-            self.pubsubs[self.url] = _PubSub(
-                self.broker, self.url, f"shard {self.index}", sharded=False
-            )
+            self.pubsubs[self.url] = _PubSub(self.broker, self.url, self.label, sharded=False)
         for name, source in self.broker.script_sources.items():
+            if self.sentinel_url is not None:
+                source = lua.with_writer_check(source)
             self.scripts[name] = self.client.register_script(source)
         await self.client.ping()
         for pubsub in self.pubsubs.values():
             await pubsub.start()
+
+    async def _start_sentinel(self, kwargs: dict[str, Any]) -> None:
+        target = self.sentinel_url
+        assert target is not None
+        timeout = self.broker.timeout
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "protocol": 2,
+        }
+        if target.sentinel_password is not None:
+            sentinel_kwargs["password"] = target.sentinel_password
+        if target.sentinel_username is not None:
+            sentinel_kwargs["username"] = target.sentinel_username
+        server_kwargs: dict[str, Any] = {"db": target.db}
+        if target.password is not None:
+            server_kwargs["password"] = target.password
+        if target.username is not None:
+            server_kwargs["username"] = target.username
+        self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **server_kwargs
+        )
+        self.label = f"shard {self.index} ({target.master})"
+        try:
+            self.master = await self.sentinel.discover_master(target.master)
+        except _REDIS_ERRORS as exc:
+            raise redis.exceptions.ConnectionError(
+                f"no master {target.master!r} from the sentinels: {exc}"
+            ) from None
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
+        self.client = self.sentinel.master_for(
+            target.master,
+            connection_pool_class=_SentinelBlockingPool,
+            max_connections=POOL_SIZE,
+            timeout=timeout,
+            **kwargs,
+        )
+        sentinel = self.sentinel
+
+        def pubsub_client(**options: Any) -> Any:
+            return sentinel.master_for(target.master, **options)
+
+        self.pubsubs[self.url] = _PubSub(
+            self.broker, self.url, self.label, sharded=False, factory=pubsub_client
+        )
+
+    async def watch_master(self) -> None:
+        """Ask the sentinels who the master is; when it changed, drop every
+        connection to the old one (a demoted master still answers reads, and
+        its pub/sub hears nothing new)."""
+        if self.sentinel is None or self.sentinel_url is None:
+            return
+        try:
+            master = await self.sentinel.discover_master(self.sentinel_url.master)
+        except _REDIS_ERRORS as exc:
+            log.debug("redis %s: no master from the sentinels: %s", self.label, exc)
+            return
+        if master == self.master:
+            return
+        was = f"{self.master[0]}:{self.master[1]}" if self.master else "unknown"
+        log.warning("redis %s: the master is now %s:%s (was %s)", self.label, *master, was)
+        self.master = master
+        pool = self.client.connection_pool
+        with contextlib.suppress(*_REDIS_ERRORS):
+            # The pool's own idea of the master: connections to another
+            # server close (idle ones now, busy ones when released).
+            await pool.get_master_address()
+        with contextlib.suppress(Exception):
+            await pool.disconnect(inuse_connections=False)
+        for pubsub in self.pubsubs.values():
+            await pubsub.drop_connection()
 
     async def close(self) -> None:
         for pubsub in self.pubsubs.values():
@@ -408,6 +593,9 @@ class _Shard:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.aclose()
+        if self.sentinel is not None:
+            with contextlib.suppress(Exception):
+                await self.sentinel.aclose()
 
     @property
     def healthy(self) -> bool:
@@ -432,18 +620,27 @@ class RedisBroker:
         presence_ttl: float = 30.0,
         position_check_interval: float = 10.0,
         node_ttl: float = 15.0,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 100,
     ) -> None:
         self.prefix = prefix
         self.timeout = timeout
         self.presence_ttl = presence_ttl
         self.position_check_interval = position_check_interval
         self.node_ttl = node_ttl
-        urls = [u.strip() for u in url.split(",") if u.strip()]
+        # After each publish pipeline: WAIT for this many replicas (0: do not).
+        self.min_replicas_ack = min_replicas_ack
+        self.replicas_ack_timeout_ms = max(1, replicas_ack_timeout_ms)
+        # Publications that failed because too few replicas acknowledged them.
+        self.replicas_ack_failures = 0
+        urls = split_broker_urls(url)
         if urls and urls[0].startswith("redis+cluster://"):
             # One client for the whole cluster; its seed nodes are the list.
             urls = ["redis+cluster://" + ",".join(u.split("://", 1)[-1] for u in urls)]
         self.shards = [_Shard(self, u, i) for i, u in enumerate(urls)]
         self.sharded_pubsub = self.shards[0].cluster
+        if min_replicas_ack and self.sharded_pubsub:
+            raise ValueError("min_replicas_ack is not supported on a Redis Cluster")
         # One pipeline in flight per server keeps publishes in call order; a
         # cluster client spreads calls over connections and does not.
         self.ordered_publish = not self.sharded_pubsub
@@ -470,6 +667,8 @@ class RedisBroker:
         self._local_presence: dict[tuple[str, str], bytes] = {}
         self._tasks = BackgroundTasks(log, "redis broker step")
         self._pending_sub: dict[str, asyncio.Future[None]] = {}
+        # Subscriptions asked for and not yet in place (pending or in a batch).
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
         # Channels of the subscribe batch in progress: Redis may deliver
         # their publications before the batch has read their positions.
         self._joining: set[str] = set()
@@ -495,6 +694,8 @@ class RedisBroker:
             loop.create_task(self._every(self.position_check_interval, self._check_positions)),
             loop.create_task(self._every(self.presence_ttl / 3, self._presence_heartbeat)),
         ]
+        if any(shard.sentinel is not None for shard in self.shards):
+            self._loops.append(loop.create_task(self._every(SENTINEL_POLL, self._watch_masters)))
 
     async def close(self) -> None:
         self._ok = False  # ends the loops even if a cancellation is swallowed
@@ -508,9 +709,16 @@ class RedisBroker:
         """The URLs without passwords, for messages and logs."""
         out = []
         for shard in self.shards:
+            if shard.sentinel_url is not None:
+                out.append(safe_broker_url(shard.url))
+                continue
             parts = urlsplit(shard.url.split(",")[0])
             out.append(f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}")
         return ", ".join(out)
+
+    async def _watch_masters(self) -> None:
+        for shard in self.shards:
+            await shard.watch_master()
 
     def healthy(self) -> bool:
         return self._ok and all(s.healthy for s in self.shards)
@@ -588,6 +796,7 @@ class RedisBroker:
         return Publication(channel, int(offset), epoch, data, info, time_ms)
 
     async def position(self, channel: str) -> StreamPosition:
+        await self._after_subscribing(channel)
         shard = self._shard(channel)
         keys, args = self._keys(channel), [_new_epoch(), DEFAULT_META_TTL]
         if shard.cluster:
@@ -614,6 +823,7 @@ class RedisBroker:
     async def history(
         self, channel: str, *, after: int | None, limit: int, reverse: bool = False
     ) -> HistoryResult:
+        await self._after_subscribing(channel)
         start = "-" if after is None else str(after + 1)
         offset, epoch, messages = await self._call(
             self._shard(channel),
@@ -634,8 +844,27 @@ class RedisBroker:
         fut = self._pending_sub.get(channel)
         if fut is None:
             fut = self._pending_sub[channel] = asyncio.get_running_loop().create_future()
+            self._subscribing[channel] = fut
+            fut.add_done_callback(functools.partial(self._subscribed_now, channel))
             self._schedule_batch()
         await asyncio.shield(fut)
+
+    def _subscribed_now(self, channel: str, fut: asyncio.Future[None]) -> None:
+        if self._subscribing.get(channel) is fut:
+            del self._subscribing[channel]
+        _consume(fut)
+
+    async def _after_subscribing(self, channel: str) -> None:
+        """Wait while this node's subscription to ``channel`` is being set
+        up. A position read before it is in place can be older than the
+        baseline the subscription then takes, and what lies between (sent
+        before the SUBSCRIBE took effect) would reach nobody who was handed
+        that older position: a node's second subscriber, say, whose reply
+        is read while the first one's subscription is still on its way."""
+        fut = self._subscribing.get(channel)
+        if fut is not None and not fut.done():
+            with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), self.timeout)
 
     async def unsubscribe(self, channel: str) -> None:
         if channel in self._subscribed:
@@ -717,7 +946,7 @@ class RedisBroker:
             pipe = shard.client.pipeline(transaction=False)
             for keys, args in calls:
                 await shard.scripts[script](keys=keys, args=args, client=pipe)
-            return list(await pipe.execute())
+            return await _execute(pipe)
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
 

@@ -8,10 +8,51 @@ A stream's history is a Redis stream whose entry ids are ``<offset>-1``, so a
 range of offsets is one XRANGE. Each entry holds the pub/sub message (``m``)
 and the time it expires (``x``, ms); expired entries are removed from the
 front on every publish and read.
+
+Behind Redis Sentinel a failover promotes a replica that may not have seen
+the last publications; giving out their offsets again would hand a client
+different data under a position it already holds. So there (``WRITER_CHECK``,
+see ``with_writer_check``) a stream's metadata records which server wrote it
+last (``w``: the server's ``run_id`` and replication id, read from INFO in
+the script, on the server that runs it), and a stream last written by any
+other server, or by this one in an earlier role, counts as gone: it starts
+again at offset 0 under a new epoch, exactly as an expired stream does.
+A promoted replica gets a new replication id and a restarted server a new
+run id, so whatever may have lost acknowledged publications gets a new epoch.
 """
 
 # Shared helpers, prepended to each script.
 _COMMON = """
+local WRITER_CHECK = false
+local writer_id = nil
+
+-- This server's identity in its current role: run id (a new one on every
+-- start) and replication id (a new one on every promotion).
+local function writer()
+  if writer_id == nil then
+    -- (One section per call: INFO takes several only since Redis 7.)
+    local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '?'
+    local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or '?'
+    writer_id = run .. ':' .. replid
+  end
+  return writer_id
+end
+
+-- The stream was last written by another server (or by this one in an
+-- earlier role): it may lack acknowledged publications.
+local function stale(meta)
+  if not WRITER_CHECK then return false end
+  return redis.call('HGET', meta, 'w') ~= writer()
+end
+
+local function set_meta(meta, epoch, offset)
+  if WRITER_CHECK then
+    redis.call('HSET', meta, 'e', epoch, 'o', offset, 'w', writer())
+  else
+    redis.call('HSET', meta, 'e', epoch, 'o', offset)
+  end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -34,8 +75,9 @@ end
 -- The stream's epoch and offset, creating the stream when it has none.
 local function position(meta, hist, new_epoch, meta_ttl)
   local epoch = redis.call('HGET', meta, 'e')
-  if not epoch then
-    redis.call('HSET', meta, 'e', new_epoch, 'o', 0)
+  if not epoch or stale(meta) then
+    redis.call('DEL', meta)
+    set_meta(meta, new_epoch, 0)
     redis.call('EXPIRE', meta, meta_ttl)
     redis.call('DEL', hist)
     return 0, new_epoch
@@ -54,8 +96,9 @@ PUBLISH = (
 local meta, hist = KEYS[1], KEYS[2]
 local at_offset = tonumber(ARGV[7])
 local offset, epoch
-if at_offset > 0 and redis.call('EXISTS', meta) == 0 then
-  redis.call('HSET', meta, 'e', ARGV[8], 'o', at_offset - 1)
+if at_offset > 0 and (redis.call('EXISTS', meta) == 0 or stale(meta)) then
+  redis.call('DEL', meta)
+  set_meta(meta, ARGV[8], at_offset - 1)
   redis.call('DEL', hist)
 end
 offset, epoch = position(meta, hist, ARGV[5], ARGV[4])
@@ -124,14 +167,18 @@ return {offset, epoch}
 )
 
 # KEYS: meta, hist; ARGV: epoch, offset, meta_ttl_s
-SEED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2])
+SEED = (
+    _COMMON
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 or stale(KEYS[1]) then
+  redis.call('DEL', KEYS[1])
+  set_meta(KEYS[1], ARGV[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('DEL', KEYS[2])
 end
 return 1
 """
+)
 
 # KEYS: presence hash, expiry zset; ARGV: client, info, ttl_ms
 PRESENCE_ADD = (
@@ -247,3 +294,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('HGETALL', KEYS[2])
 """
 )
+
+
+def with_writer_check(source: str) -> str:
+    """``source`` with the last-writer rule on (for servers behind Sentinel)."""
+    return source.replace("local WRITER_CHECK = false", "local WRITER_CHECK = true", 1)

@@ -205,3 +205,82 @@ def test_bad_pusher_apps_are_refused(tmp_path: Path, text: str, key: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text), env={})
     assert key in str(info.value)
+
+
+# ---- the Redis broker behind Sentinel ------------------------------------------
+
+
+def test_sentinel_broker_url_and_replica_acks() -> None:
+    from server.broker import SentinelURL, split_broker_urls
+
+    url = "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380,sentinel3/main/2?sentinel_password=x"
+    s = load_settings(raw={"broker": {"url": url, "min_replicas_ack": 1}}, env={})
+    assert (s.broker.min_replicas_ack, s.broker.replicas_ack_timeout_ms) == (1, 100)
+    target = SentinelURL.parse(split_broker_urls(s.broker.url)[0])
+    assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("sentinel3", 26379))
+    assert (target.master, target.db, target.password) == ("main", 2, "s3cret")
+    assert target.sentinel_password == "x"
+    # As one shard of a list, next to a plain server.
+    both = "redis://127.0.0.1:6379/0,redis+sentinel://h1:26379,h2:26379/other"
+    assert split_broker_urls(both) == [
+        "redis://127.0.0.1:6379/0",
+        "redis+sentinel://h1:26379,h2:26379/other",
+    ]
+    assert load_settings(raw={"broker": {"url": both}}, env={}).broker.url == both
+    env = {
+        "SQUALL_BROKER_URL": "redis+sentinel://h1/m",
+        "SQUALL_BROKER_MIN_REPLICAS_ACK": "2",
+        "SQUALL_BROKER_REPLICAS_ACK_TIMEOUT_MS": "250",
+    }
+    s = load_settings(env=env)
+    assert (s.broker.min_replicas_ack, s.broker.replicas_ack_timeout_ms) == (2, 250)
+
+
+@pytest.mark.parametrize(
+    ("broker", "key", "words"),
+    [
+        ({"url": "redis+sentinel://h1:26379"}, "broker.url", "master's name"),
+        ({"url": "redis+sentinel://h1:26379/m?colour=red"}, "broker.url", "unknown option"),
+        ({"url": "redis+sentinel://h1:port/m"}, "broker.url", "port"),
+        ({"url": "mongodb://:pw@h1/m"}, "broker.url", "redis+sentinel://"),
+        ({"min_replicas_ack": 1}, "broker.min_replicas_ack", "needs a Redis broker"),
+        (
+            {"url": "redis+cluster://h1:7000", "min_replicas_ack": 1},
+            "broker.min_replicas_ack",
+            "redis+cluster",
+        ),
+        ({"url": "redis://h1", "min_replicas_ack": -1}, "broker.min_replicas_ack", ""),
+        ({"url": "redis://h1", "replicas_ack_timeout_ms": 0}, "broker.replicas_ack_timeout_ms", ""),
+        (
+            {"url": "redis://h1", "min_replicas_ack": 1, "replicas_ack_timeout_ms": 5000},
+            "broker.replicas_ack_timeout_ms",
+            "shorter than broker.timeout",
+        ),
+    ],
+)
+def test_bad_sentinel_and_replica_ack_settings(
+    broker: dict[str, object], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(raw={"broker": broker}, env={})
+    assert info.value.key == key
+    assert words in info.value.problem
+    assert "pw" not in str(info.value)
+
+
+def test_check_config_shows_the_broker_without_passwords(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("SQUALL_")]:
+        monkeypatch.delenv(var)
+    url = "redis+sentinel://user:hunter22@s1:26379,s2:26379/main?sentinel_password=other-secret"
+    path = write(tmp_path, f'[broker]\nurl = "{url}"\nmin_replicas_ack = 1\n')
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "broker: redis+sentinel://s1:26379,s2:26379/main, min_replicas_ack 1 (100 ms)" in out
+    assert "hunter22" not in out and "other-secret" not in out and "user" not in out
+    path = write(tmp_path, '[broker]\nurl = "redis://:hunter22@r1:6379/0,redis://r2:6379/1"\n')
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "broker: redis://r1:6379/0,redis://r2:6379/1" in out
+    assert "hunter22" not in out
