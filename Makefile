@@ -116,12 +116,17 @@ bench-http: bench-deps
 bench-storm: bench-deps
 	$(BIN)/python -m bench.storm $(BENCH_ARGS)
 
-# The publish path (issue 17): single requests, batches of 100 and the API
-# stream to 10,000 channels, beside Centrifugo; then one py-spy flame graph
-# a Squall path (bench/results/flame-publish-<path>.svg).
+# The publish path (issue 17): single requests, batches of 100, the API
+# stream and client publishes to 10,000 channels, beside Centrifugo (memory
+# and Redis engines); one py-spy flame graph a Squall path
+# (bench/results/flame-publish-<path>.svg); then the fan-out shapes where a
+# publication's own cost counts: 10,000 channels x 2 subscribers beside
+# Centrifugo (100 subscribers: bench-codecs). About 20 minutes.
 bench-publish: bench-deps
-	$(BIN)/python -m bench.publish $(BENCH_ARGS)
+	@scripts/build-centrifugo.sh
+	$(BIN)/python -m bench.publish --reps-subscribed 1 $(BENCH_ARGS)
 	$(BIN)/python -m bench.publish --profile publish --subscribers 0 $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --name fanout-channels-cf --peers squall,centrifugo --subscribers 10000 --channels 10000 --per-subscriber 2 --publications 100000 --reps 2 --publish http $(BENCH_ARGS)
 
 # Soak (reliability/soak.py): 10,000 connections with churn, fan-out and API
 # calls on two workers over Redis for SOAK_MINUTES (default 30); fails on a
