@@ -145,3 +145,15 @@ soak: $(STAMP)
 chaos: $(STAMP) services
 	@scripts/build-toxiproxy.sh
 	$(BIN)/python -m reliability.chaos $(CHAOS_ARGS)
+
+# Fuzzing (reliability/fuzz/README.md): the WebSocket frame parser, the
+# protocol decoders and the HTTP APIs under hypothesis and atheris, up to
+# FUZZ_EXAMPLES examples per target and engine (default 1,000,000), at most
+# FUZZ_SECONDS per run (default 600; FUZZ_HYPOTHESIS_SECONDS for hypothesis
+# runs), a progress line at least every 30 s; the report (JSON, markdown)
+# goes to reliability/results/fuzz-<time>.*. FUZZ_TARGETS, FUZZ_ENGINES and
+# FUZZ_SEED narrow or reseed it.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[fuzz]'
+	$(BIN)/python -m reliability.fuzz $(FUZZ_ARGS)

@@ -230,10 +230,11 @@ class PusherApiHandler(tornado.web.RequestHandler):
         channels: list[tuple[str, Channel]] = []
         seen: set[object] = set()
         for channel_name in names:
+            channel = self.channel(app, channel_name)  # a 400 for a non-string, before hashing
             if channel_name in seen:
                 continue
             seen.add(channel_name)
-            channels.append((str(channel_name), self.channel(app, channel_name)))
+            channels.append((str(channel_name), channel))
         if len(channels) > 1 and any(n.startswith(ENCRYPTED_PREFIX) for n, _ in channels):
             raise RequestRefused(
                 400, "An event to an encrypted channel must go to that one channel only"

@@ -355,6 +355,9 @@ async def test_bad_signature_is_401(server: Running, sign: dict[str, Any], reaso
         {"name": "", "data": "d", "channel": "good"},
         {"name": "e", "data": "d", "channel": "good", "socket_id": "nope"},
         {"name": "e", "data": "d", "channels": ["private-encrypted-a", "good"]},
+        # Found by the fuzzer: a non-string channel was hashed first, a 500.
+        {"name": "e", "data": "d", "channel": ["good"]},
+        {"name": "e", "data": "d", "channels": ["good", {"a": 1}]},
     ],
 )
 async def test_bad_event_is_400(server: Running, body: dict[str, Any]) -> None:
@@ -452,3 +455,12 @@ async def test_the_event_size_limit_is_the_apps(make_server: ServerFactory) -> N
     code, text = await fetch(server, EVENTS, method="POST", body=event)
     assert code == 413 and b"limit is 100" in text
     assert await offset(server, "news") == 1
+
+
+async def test_batch_event_with_a_non_string_channel_is_400(server: Running) -> None:
+    """Found by the fuzzer (a 500 before): the whole batch is refused."""
+    path = f"/apps/{APP_ID}/batch_events"
+    body = {"batch": [{"channel": "good", "name": "e", "data": "d"},
+                      {"channel": ["good"], "name": "e", "data": "d"}]}  # fmt: skip
+    assert (await fetch(server, path, method="POST", body=body))[0] == 400
+    assert await offset(server, "good") == 0
