@@ -371,6 +371,18 @@ class Soak:
                 row[f"{w} fds_other"] = row[f"{w} fds"] - status["connections"]
             if "totals" in status:
                 row[f"{w} slow_disconnects"] = status["totals"]["slow_disconnects"]
+            if "loop_lag" in status:
+                # The node's own lag probe (a 100 ms timer, last minute).
+                row[f"{w} loop_lag_p99_ms"] = status["loop_lag"]["p99_ms"]
+            try:
+                _, text = await http.request("GET", "/metrics", timeout=5)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                text = b""
+            for line in text.decode(errors="replace").splitlines():
+                name, _, value = line.partition(" ")
+                kind = _INTERNAL.get(name)
+                if kind is not None:
+                    row[f"{w} {kind}"] = float(value)
             window = [ms for ts, ms in self.lag.get(w, []) if ts > t - self.cfg.sample_seconds]
             if window:
                 ordered = sorted(window)
@@ -649,8 +661,22 @@ RULES: dict[str, Rule] = {
     # moves with whatever else the machine runs.
     "cpu_pct": Rule(min_rise=5, judged=False),
     "runqueue_pct": Rule(min_rise=5, judged=False),
+    # The node's own figures (/metrics): tasks (a task leaked per churned
+    # connection would climb), bytes waiting for clients.
+    "tasks": Rule(min_rise=20),
+    "send_queue_bytes": Rule(min_rise=1024 * 1024),
+    # Reported beside the outside probe; the lag rule judges the latter.
+    "loop_lag_p99_ms": Rule(min_rise=5, judged=False),
+}
+# /metrics lines sampled, and the series each feeds.
+_INTERNAL = {
+    "squall_asyncio_tasks": "tasks",
+    "squall_send_queue_bytes": "send_queue_bytes",
 }
 UNITS = {
+    "tasks": "tasks",
+    "send_queue_bytes": "bytes",
+    "loop_lag_p99_ms": "ms",
     "rss_kb": "KB",
     "used_memory_kb": "KB",
     "fds": "fds",
@@ -675,6 +701,9 @@ SOURCES = {
     "cpu_pct": "external (/proc)",
     "runqueue_pct": "external (/proc schedstat: waiting for a CPU)",
     "slow_disconnects": "internal (/status)",
+    "loop_lag_p99_ms": "internal (/status loop_lag: the node's 100 ms timer probe)",
+    "tasks": "internal (/metrics squall_asyncio_tasks)",
+    "send_queue_bytes": "internal (/metrics squall_send_queue_bytes)",
     "lag_p99_ms": "external (/health round trip)",
     "lag_max_ms": "external (/health round trip)",
     "load1": "the machine (/proc/loadavg)",

@@ -3,7 +3,12 @@
 ``Client`` holds a WebSocket connection: it connects with a token, subscribes,
 and when the connection drops with a reconnect code it reconnects with
 backoff and recovers every subscription from its last offset, so a
-subscriber's iterator yields each publication once and in order.
+subscriber's iterator yields each publication once and in order. A
+resubscribe that fails for a temporary reason (a timeout, 114 unavailable...)
+is retried with backoff; one the server refuses for good (103 permission
+denied, 102 unknown channel...) ends that subscription with
+``SubscriptionEnded``. A live publication that skips offsets makes the
+subscription recover the missing range before it hands out anything newer.
 
 ``ApiClient`` calls the HTTP server API with an API key; ``batch`` sends many
 commands (made with ``command``) in one request; ``connect_stream`` opens an
@@ -22,13 +27,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import tornado.httpclient
 import tornado.websocket
+from tornado.iostream import StreamClosedError
 
 log = logging.getLogger("squall.client")
 
@@ -49,6 +55,38 @@ class ConnectionClosed(Exception):
         super().__init__(f"connection closed: {code} {reason}")
         self.code = code
         self.reason = reason
+
+
+class SubscriptionEnded(ConnectionClosed):
+    """A subscription ended by the server's refusal: after a reconnect (or to
+    recover a gap) the server answered its ``subscribe`` with a permanent
+    error (``error``, a ``ReplyError``: 103 permission denied, 102 unknown
+    channel...), or temporary errors went on past ``max_reconnects``
+    attempts. ``Subscription.get`` raises it and iterating the subscription
+    raises it; the connection itself stays up. A ``ConnectionClosed``, so
+    code that catches that keeps working."""
+
+    def __init__(self, channel: str, error: BaseException) -> None:
+        code = error.code if isinstance(error, ReplyError) else None
+        super().__init__(code, f"subscription to {channel} ended: {error}")
+        self.channel = channel
+        self.error = error
+
+
+# Subscribe errors worth retrying on the same connection (with backoff):
+# 100 internal, 105 already subscribed (a subscribe the client gave up on
+# that the server completed: it unsubscribes first), 111 too many requests,
+# 114 unavailable. Every other error code ends the subscription.
+TEMPORARY_SUBSCRIBE_ERRORS = frozenset({100, 105, 111, 114})
+
+
+def _transport_error(exc: BaseException) -> bool:
+    """An exception from the socket layer that means the connection is gone
+    (uvloop raises ``RuntimeError("... the handler is closed")`` on a write
+    to a transport that was closed under it)."""
+    if isinstance(exc, (tornado.websocket.WebSocketClosedError, StreamClosedError)):
+        return True
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
 
 
 @dataclass(slots=True)
@@ -74,6 +112,24 @@ class Subscription:
         default_factory=lambda: asyncio.Queue(maxsize=10000)
     )
     gaps: int = 0  # times recovery reported a position it could not restore
+    # Whether the channel's history lets a recovery restore what was missed
+    # (the last subscribe reply's ``recoverable``).
+    recoverable: bool = False
+    # Set when the server refused the subscription for good (see
+    # ``SubscriptionEnded``); the subscription is then no longer the client's.
+    error: SubscriptionEnded | None = None
+    # Live publications are handed out only once the (re)subscribe on the
+    # current connection was answered; until then they are left to the
+    # recovery that answer carries.
+    _live: bool = field(default=False, repr=False)
+    _established: bool = field(default=False, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _again: bool = field(default=False, repr=False)  # a gap showed while _task ran
+
+    @property
+    def active(self) -> bool:
+        """False once the subscription ended (``error``, or unsubscribed)."""
+        return self.error is None and self._established
 
     def __aiter__(self) -> AsyncIterator[ClientPublication]:
         return self._iterate()
@@ -82,12 +138,16 @@ class Subscription:
         while True:
             pub = await self.queue.get()
             if pub is None:
+                if self.error is not None:
+                    raise self.error
                 return
             yield pub
 
     async def get(self, timeout: float = 10.0) -> ClientPublication:
         pub = await asyncio.wait_for(self.queue.get(), timeout)
         if pub is None:
+            if self.error is not None:
+                raise self.error
             raise ConnectionClosed(None, "subscription ended")
         return pub
 
@@ -135,6 +195,10 @@ class Client:
         self._closing = False
         self._connected = asyncio.Event()
         self._failed: BaseException | None = None
+        # Tasks that belong to the current connection ((re)subscribes, gap
+        # recoveries): cancelled when it ends, so none acts on the next one.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0  # counts connections opened
 
     # ---- connection -----------------------------------------------------
 
@@ -152,8 +216,8 @@ class Client:
             self.url, max_message_size=64 * 1024 * 1024
         )
         params = {"token": self.token} if self.token else {}
-        self._send({"id": self._new_id(), "method": "connect", "params": params})
         try:
+            self._send({"id": self._new_id(), "method": "connect", "params": params})
             reply = await self._read_reply()
         except BaseException:
             self._ws.close()
@@ -165,6 +229,7 @@ class Client:
         self.client_id = result["client"]
         self.node = result.get("node")
         self.connects += 1
+        self._generation += 1
         self._connected.set()
         return result
 
@@ -172,7 +237,7 @@ class Client:
         """Read messages until the first reply (only during connect)."""
         assert self._ws is not None
         while True:
-            frame = await asyncio.wait_for(self._ws.read_message(), self.command_timeout)
+            frame = await self._read_frame(self.command_timeout)
             if frame is None:
                 raise ConnectionClosed(self._ws.close_code, self._ws.close_reason)
             for line in _lines(frame):
@@ -181,8 +246,23 @@ class Client:
                     return dict(msg)
                 await self._on_push(msg)
 
+    async def _read_frame(self, timeout: float | None = None) -> str | bytes | None:
+        """The next frame, or None when the connection has ended (closed, or
+        its transport failed)."""
+        assert self._ws is not None
+        try:
+            if timeout is None:
+                return await self._ws.read_message()
+            return await asyncio.wait_for(self._ws.read_message(), timeout)
+        except (tornado.websocket.WebSocketClosedError, StreamClosedError, RuntimeError) as exc:
+            if not _transport_error(exc):
+                raise
+            log.debug("read failed: %r", exc)
+            return None
+
     async def close(self) -> None:
         self._closing = True
+        self._cancel_tasks()
         if self._ws is not None:
             self._ws.close()
         if self._reader is not None:
@@ -208,9 +288,24 @@ class Client:
         return self._next_id
 
     def _send(self, obj: dict[str, Any]) -> None:
-        if self._ws is None:
+        """Write one command; raises ``ConnectionClosed`` (never a transport
+        exception) when the connection is gone, and then makes sure the
+        reader sees it end (so the client reconnects)."""
+        ws = self._ws
+        if ws is None:
             raise ConnectionClosed(None, "not connected")
-        self._ws.write_message(orjson.dumps(obj).decode())
+        try:
+            ws.write_message(orjson.dumps(obj).decode())
+        except (tornado.websocket.WebSocketClosedError, StreamClosedError, RuntimeError) as exc:
+            if not _transport_error(exc):
+                raise
+            log.debug("write failed: %r", exc)
+            if ws is self._ws:
+                # Close our side: the reader then ends this connection and
+                # reconnects (3009, write error, is a reconnect code).
+                with contextlib.suppress(Exception):
+                    ws.close(3009, "write error")
+            raise ConnectionClosed(ws.close_code, ws.close_reason or "write failed") from None
 
     async def call(
         self,
@@ -220,10 +315,14 @@ class Client:
         on_result: Callable[[Any], Awaitable[None]] | None = None,
     ) -> Any:
         """Send one command and wait for its reply. ``on_result`` runs in the
-        reader before it reads the next message."""
+        reader before it reads the next message. Raises ``ReplyError`` (an
+        error reply), ``ConnectionClosed`` (the connection ended first, or
+        could not send) or ``TimeoutError`` (no reply within
+        ``command_timeout``: the server may still have run it)."""
         if self._failed is not None:
             raise self._failed
-        await asyncio.wait_for(self._connected.wait(), self.command_timeout)
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), self.command_timeout)
         cmd_id = self._new_id()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[cmd_id] = fut
@@ -233,14 +332,24 @@ class Client:
             self._send({"id": cmd_id, "method": method, "params": params or {}})
             return await asyncio.wait_for(fut, self.command_timeout)
         finally:
+            # A late reply finds no waiter (and no hook): it is dropped.
             self._waiters.pop(cmd_id, None)
             self._hooks.pop(cmd_id, None)
+
+    def _send_unsubscribe(self, channel: str) -> None:
+        """Unsubscribe without waiting for the answer. The server runs a
+        connection's commands in order, so a ``subscribe`` sent after it
+        finds the channel free even if a subscribe the client gave up on
+        (timeout) completed meanwhile."""
+        self._send({"id": self._new_id(), "method": "unsubscribe", "params": {"channel": channel}})
 
     async def subscribe(
         self, channel: str, *, token: str | None = None, recover_from: tuple[int, str] | None = None
     ) -> Subscription:
         """Subscribe; ``recover_from=(offset, epoch)`` first replays what came
-        after that position."""
+        after that position. Raises ``ReplyError``, ``ConnectionClosed`` or
+        ``TimeoutError`` when this first subscribe fails (the subscription is
+        then not kept); after that, the client keeps it across reconnects."""
         if channel in self.subscriptions:
             raise ReplyError(105, "already subscribed")
         sub = Subscription(channel, token)
@@ -249,8 +358,13 @@ class Client:
         self.subscriptions[channel] = sub
         try:
             await self._subscribe(sub, recover=recover_from is not None)
-        except BaseException:
-            self.subscriptions.pop(channel, None)
+        except BaseException as exc:
+            if self.subscriptions.get(channel) is sub:
+                del self.subscriptions[channel]
+            if isinstance(exc, TimeoutError | asyncio.CancelledError):
+                # The server may complete it later: undo it there too.
+                with contextlib.suppress(ConnectionClosed):
+                    self._send_unsubscribe(channel)
             raise
         return sub
 
@@ -275,11 +389,19 @@ class Client:
             else:
                 sub.offset = result["offset"]
             sub.epoch = result["epoch"]
+            sub.recoverable = bool(result.get("recoverable", False))
+            sub._established = True
+            sub._live = True
 
         await self.call("subscribe", params, on_result=on_result)
 
     async def unsubscribe(self, channel: str) -> None:
         sub = self.subscriptions.pop(channel, None)
+        if sub is not None:
+            sub._established = False
+            sub._live = False
+            if sub._task is not None:
+                sub._task.cancel()
         await self.call("unsubscribe", {"channel": channel})
         if sub is not None:
             with contextlib.suppress(asyncio.QueueFull):
@@ -308,13 +430,98 @@ class Client:
         result: dict[str, Any] = await self.call("refresh", {"token": token})
         return result
 
+    # ---- resubscribing ----------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of the current connection."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _cancel_tasks(self) -> None:
+        """The connection ended: stop its tasks (they may take a moment to
+        finish; the next connection starts its own regardless)."""
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for sub in self.subscriptions.values():
+            sub._task = None
+            sub._again = False
+
+    def _resubscribe_later(self, sub: Subscription, *, reset: bool) -> None:
+        """Start (unless it runs already) the task that subscribes ``sub``
+        again on this connection and recovers from its position."""
+        sub._live = False
+        if sub._task is not None and not sub._task.done():
+            # Its subscribe was answered, yet it has not finished: go again.
+            sub._again = True
+            return
+        sub._again = False
+        sub._task = self._spawn(self._resubscribe(sub, self._generation, reset=reset))
+
+    async def _resubscribe(self, sub: Subscription, generation: int, *, reset: bool) -> None:
+        """Subscribe ``sub`` on connection ``generation`` with recovery from
+        its last position, retrying temporary failures with backoff; a
+        permanent failure ends the subscription (``SubscriptionEnded``).
+        ``reset``: unsubscribe first (the server may hold the channel already:
+        a subscribe that timed out here but completed there, or a gap)."""
+        attempts = 0
+        while True:
+            if (
+                generation != self._generation
+                or not self._connected.is_set()
+                or self.subscriptions.get(sub.channel) is not sub
+            ):
+                return  # another connection (or nobody) owns it now
+            attempts += 1
+            try:
+                if reset:
+                    self._send_unsubscribe(sub.channel)
+                await self._subscribe(sub, recover=bool(sub.epoch))
+                if not sub._again:
+                    return
+                sub._again = False  # a gap already: recover it
+                reset, attempts = True, 0
+                continue
+            except ConnectionClosed:
+                return  # the next connection resubscribes
+            except TimeoutError as exc:
+                # The server may yet complete it: start from a clean slate.
+                reset = True
+                error: BaseException = exc
+            except ReplyError as exc:
+                if exc.code not in TEMPORARY_SUBSCRIBE_ERRORS:
+                    self._end_subscription(sub, exc)
+                    return
+                reset = exc.code == 105
+                error = exc
+            log.info("resubscribe to %s failed (attempt %d): %s", sub.channel, attempts, error)
+            if attempts >= self.max_reconnects:
+                self._end_subscription(sub, error)
+                return
+            delay = min(self.max_backoff, self.min_backoff * 2 ** min(attempts, 16))
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    def _end_subscription(self, sub: Subscription, error: BaseException) -> None:
+        """The server will not take ``sub``: drop it and tell the application
+        (``get`` and iteration raise ``SubscriptionEnded``)."""
+        log.warning("subscription to %s ended: %s", sub.channel, error)
+        if self.subscriptions.get(sub.channel) is sub:
+            del self.subscriptions[sub.channel]
+        sub.error = SubscriptionEnded(sub.channel, error)
+        sub._live = False
+        sub._established = False
+        with contextlib.suppress(asyncio.QueueFull):
+            sub.queue.put_nowait(None)
+
     # ---- reading --------------------------------------------------------
 
     async def _read_forever(self) -> None:
         attempts = 0
         while True:
             assert self._ws is not None
-            frame = await self._ws.read_message()
+            frame = await self._read_frame()
             if frame is not None:
                 attempts = 0
                 for line in _lines(frame):
@@ -324,6 +531,9 @@ class Client:
             self.close_reason = self._ws.close_reason
             self._ws.close()  # release it on our side too
             self._connected.clear()
+            self._cancel_tasks()
+            for sub in self.subscriptions.values():
+                sub._live = False
             self._fail_waiters(ConnectionClosed(self.close_code, self.close_reason))
             if self._closing or not self.reconnect or not _should_reconnect(self.close_code):
                 self._finish(ConnectionClosed(self.close_code, self.close_reason))
@@ -345,23 +555,27 @@ class Client:
                     ConnectionClosed,
                     TimeoutError,
                     tornado.httpclient.HTTPClientError,
+                    tornado.websocket.WebSocketClosedError,
+                    StreamClosedError,
                 ) as exc:
                     log.debug("reconnect failed: %s", exc)
                     continue
+                except RuntimeError as exc:
+                    if not _transport_error(exc):
+                        raise
+                    log.debug("reconnect failed: %s", exc)
+                    continue
                 break
-            # Resubscribe and recover in the background: replies need this
-            # task to keep reading.
-            asyncio.get_running_loop().create_task(self._resubscribe())
-
-    async def _resubscribe(self) -> None:
-        for sub in list(self.subscriptions.values()):
-            try:
-                await self._subscribe(sub, recover=bool(sub.epoch))
-            except (ReplyError, ConnectionClosed, TimeoutError) as exc:
-                log.warning("resubscribe to %s failed: %s", sub.channel, exc)
+            # Resubscribe and recover in the background (replies need this
+            # task to keep reading), one task per subscription, all of them
+            # cancelled if this connection ends too.
+            for sub in list(self.subscriptions.values()):
+                if sub._established:
+                    self._resubscribe_later(sub, reset=False)
 
     def _finish(self, error: BaseException) -> None:
         self._failed = error
+        self._cancel_tasks()
         for sub in self.subscriptions.values():
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)
@@ -375,6 +589,8 @@ class Client:
         if "id" in msg:
             fut = self._waiters.get(msg["id"])
             if fut is None or fut.done():
+                # A reply to a command the client gave up on (timeout), or
+                # to an unsubscribe it did not wait for.
                 return
             if "error" in msg:
                 fut.set_exception(ReplyError(msg["error"]["code"], msg["error"]["message"]))
@@ -391,11 +607,36 @@ class Client:
         if msg.get("push") == "pub":
             sub = self.subscriptions.get(msg["channel"])
             if sub is not None:
-                await self._deliver(sub, msg["pub"])
+                await self._on_live(sub, msg["pub"])
             return
         if self.pushes.full():
             self.pushes.get_nowait()
         self.pushes.put_nowait(msg)
+
+    async def _on_live(self, sub: Subscription, pub: dict[str, Any]) -> None:
+        """A live publication: handed out only if it follows on from the
+        subscription's position. One that skips offsets (same epoch) makes
+        the subscription recover the missing range first (a resubscribe with
+        ``recover``: what it could not restore is reported as a gap, through
+        ``recovered``/``gaps``); where the channel is not recoverable the gap
+        is reported at once and the publication handed out."""
+        if not sub._live:
+            # Its (re)subscribe is not answered yet: the answer's recovery
+            # covers this publication.
+            return
+        if sub.epoch and sub.epoch == pub["epoch"] and pub["offset"] > sub.offset + 1:
+            if sub.recoverable:
+                log.info(
+                    "%s: offset %d after %d, recovering the gap",
+                    sub.channel,
+                    pub["offset"],
+                    sub.offset,
+                )
+                self._resubscribe_later(sub, reset=True)
+                return
+            sub.recovered = False
+            sub.gaps += 1
+        await self._deliver(sub, pub)
 
     async def _deliver(self, sub: Subscription, pub: dict[str, Any]) -> None:
         # The de-duplication guard: never hand out an offset twice.

@@ -456,6 +456,13 @@ class Node:
                 except OffsetConflict:
                     log.error("broker stream of %s moved during a durable publish", name)
                     return pub
+                except BrokerUnavailable as exc:
+                    # The log has it: it is made, whatever the broker did.
+                    # The next publish (or a recovery) hands it over.
+                    raise BrokerUnavailable(
+                        f"{exc}; the publication is in the durable log: it was made, "
+                        "and may have been delivered"
+                    ) from None
             raise errors.Unavailable("could not agree on the channel's next offset")
 
     async def _repair(self, channel: Channel, current: StreamPosition) -> None:

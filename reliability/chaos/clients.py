@@ -27,6 +27,7 @@ from server.client import (
     ConnectionClosed,
     ReplyError,
     Subscription,
+    SubscriptionEnded,
 )
 
 from .history import History
@@ -112,8 +113,13 @@ class RecordingClient(Client):
         """The application: read every publication handed out."""
 
         async def drain() -> None:
-            async for _ in sub:
-                pass
+            try:
+                async for _ in sub:
+                    pass
+            except SubscriptionEnded as exc:
+                # The server refused the subscription for good: the
+                # application is told (here: it is recorded) and stops.
+                self.recorder.record("sf", s=self.sid, c=sub.channel, rc=True, err=repr(exc)[:200])
 
         self.drainers.append(asyncio.get_running_loop().create_task(drain()))
 
@@ -226,13 +232,17 @@ class Publisher:
             # 599: no answer (timeout, connection lost): it may have happened.
             # 502/504 from HAProxy: the node may have got it. Otherwise the
             # server answered with an error: it did not happen.
-            if exc.status in (599, 502, 504):
+            # A 503 whose message says the commands "may have run" (Redis's
+            # connection broke after the publish was sent), or that too few
+            # replicas acknowledged it, is an unknown outcome too.
+            if exc.status in (599, 502, 504) or _maybe_made(str(exc)):
                 self.recorder.record("pu", i=pub_id, err=str(exc)[:200])
             else:
                 self.recorder.record("pf", i=pub_id, err=str(exc)[:200])
             return
         except ReplyError as exc:
-            self.recorder.record("pf", i=pub_id, err=str(exc)[:200])
+            kind = "pu" if _maybe_made(str(exc)) else "pf"
+            self.recorder.record(kind, i=pub_id, err=str(exc)[:200])
             return
         except tornado.websocket.WebSocketClosedError as exc:
             # Client.call found the socket closed before sending: not sent.
@@ -265,3 +275,10 @@ class Publisher:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+
+
+def _maybe_made(message: str) -> bool:
+    """An error answer that says the publication may exist (docs/api.md)."""
+    return any(
+        words in message for words in ("may have run", "may still be", "in the durable log")
+    )

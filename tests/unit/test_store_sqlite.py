@@ -105,6 +105,40 @@ async def test_store_failure_fails_the_publish_and_delivers_nothing(
     assert [p["data"] for p in (await api.history("log:x"))["publications"]] == ["ok-1", "ok-2"]
 
 
+async def test_a_broker_failure_after_the_log_took_it_says_it_was_made(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos campaign: a durable publish whose broker step
+    failed was answered as not made, yet the log had it and subscribers got
+    it. The answer now says so, and the next publication hands it over."""
+    from server.broker import BrokerUnavailable
+    from server.client import ApiError
+
+    server = await make_server(PERSIST)
+    raw = await server.connected()
+    await raw.call("subscribe", {"channel": "log:x"})
+    api = server.api()
+    broker = server.node.broker
+    real = broker.publish
+    failures = [BrokerUnavailable("redis: Connection reset by peer")]
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(broker, "publish", flaky)
+    with pytest.raises(ApiError) as info:
+        await api.publish("log:x", "in-the-log")
+    assert info.value.status == 503
+    assert "in the durable log" in info.value.message
+    await api.publish("log:x", "next")
+    got = [(await raw.push("pub"))["pub"]["data"] for _ in range(2)]
+    assert got == ["in-the-log", "next"]
+    history = await api.history("log:x")
+    assert [p["data"] for p in history["publications"]] == ["in-the-log", "next"]
+
+
 async def test_concurrent_appends_share_commits(store: SQLiteStore) -> None:
     """Group commit: appends made while a transaction is written go into the
     next one together; every one is acknowledged only once committed."""
