@@ -279,6 +279,4 @@ class Publisher:
 
 def _maybe_made(message: str) -> bool:
     """An error answer that says the publication may exist (docs/api.md)."""
-    return any(
-        words in message for words in ("may have run", "may still be", "in the durable log")
-    )
+    return any(words in message for words in ("may have run", "may still be", "in the durable log"))
