@@ -39,6 +39,17 @@ class RecordingHandler:
         self.control.append(message)
 
 
+class GapHandler(RecordingHandler):
+    """Also records the channels the broker reports as unrecoverable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unrecoverable: list[str] = []
+
+    def on_unrecoverable(self, channel: str) -> None:
+        self.unrecoverable.append(channel)
+
+
 async def eventually(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

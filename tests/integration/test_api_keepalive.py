@@ -16,6 +16,7 @@ import pytest
 
 from handlers.api_keepalive import KeepAliveApi
 from tests.conftest import Running, ServerFactory
+from tests.rawhttp import read_answer
 
 
 class KeepAlive:
@@ -63,26 +64,7 @@ class KeepAlive:
 
     async def answer(self, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
         """The next answer: (status, headers with lower-case names, body)."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size = int(await asyncio.wait_for(self.reader.readline(), timeout), 16)
-                chunk = await asyncio.wait_for(self.reader.readexactly(size + 2), timeout)
-                if size == 0:
-                    break
-                body += chunk[:-2]
-        else:
-            length = int(headers.get("content-length", "0"))
-            body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
-        return status, headers, body
+        return await read_answer(self.reader, timeout)
 
     async def json(self, timeout: float = 5.0) -> tuple[int, Any]:
         status, _, body = await self.answer(timeout)

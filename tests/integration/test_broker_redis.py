@@ -16,16 +16,7 @@ from server.broker import redis as redis_broker
 from server.broker.redis import RedisBroker, jump_hash
 from server.models import HistoryOptions
 from tests.contract_broker import *  # noqa: F403 - the shared contract tests
-from tests.contract_broker import KEEP, RecordingHandler, eventually
-
-
-class GapHandler(RecordingHandler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.unrecoverable: list[str] = []
-
-    def on_unrecoverable(self, channel: str) -> None:
-        self.unrecoverable.append(channel)
+from tests.contract_broker import KEEP, GapHandler, eventually
 
 
 @pytest.fixture

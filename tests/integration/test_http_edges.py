@@ -14,6 +14,7 @@ import pytest
 import tornado.httpclient
 
 from tests.conftest import Running, ServerFactory
+from tests.rawhttp import read_answer
 
 SEARCH = {"namespaces": {"chat": {"persist": True, "searchable": True}}}
 
@@ -31,17 +32,7 @@ async def exchange(
     try:
         writer.write(request)
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        body = await asyncio.wait_for(
-            reader.readexactly(int(headers.get("content-length", "0"))), timeout
-        )
+        status, headers, body = await read_answer(reader, timeout)
         # The server closes (EOF) or keeps the connection (nothing comes).
         try:
             rest = await asyncio.wait_for(reader.read(1), 0.5)

@@ -24,7 +24,7 @@ from server.client import ApiClient, ApiError
 from server.models import HistoryOptions
 from tests.conftest import Running, ServerFactory, wait_for
 from tests.contract_broker import *  # noqa: F403 - the shared contract tests, on Sentinel
-from tests.contract_broker import RecordingHandler
+from tests.contract_broker import GapHandler
 from tests.services import RedisSentinelSet
 
 KEEP = HistoryOptions(size=1000, ttl=600.0, meta_ttl=3600.0)
@@ -38,13 +38,7 @@ def shared_sentinel_set() -> Iterator[RedisSentinelSet]:
     sset.stop()
 
 
-class Handler(RecordingHandler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.unrecoverable: list[str] = []
-
-    def on_unrecoverable(self, channel: str) -> None:
-        self.unrecoverable.append(channel)
+Handler = GapHandler
 
 
 @pytest.fixture
