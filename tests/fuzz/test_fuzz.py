@@ -26,6 +26,7 @@ from reliability.fuzz import decoders, engine, frames
 from reliability.fuzz.__main__ import atheris_available, run_target
 from reliability.fuzz.engine import Run
 from server import wsframe
+from tests.services import require
 
 
 def _env(name: str, default: int) -> int:
@@ -81,8 +82,8 @@ def test_hypothesis(target: str) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_atheris(target: str) -> None:
-    if not atheris_available():
-        pytest.skip("atheris is not installed: pip install -e '.[fuzz]'")
+    # A loud skip, or under SQUALL_REQUIRE_SERVICES=1 (CI) a failure.
+    require("atheris", atheris_available(), "pip install -e '.[test]' (or '.[fuzz]')")
     examples = TOTAL - BY_HYPOTHESIS
     if examples <= 0:
         pytest.skip("FUZZ_SMOKE_EXAMPLES leaves nothing to atheris")
