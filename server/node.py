@@ -172,6 +172,7 @@ class Node:
 
     async def start(self) -> None:
         await self.store.start()
+        self.broker.use_log(self)
         try:
             await self.broker.start(self)
         except BrokerUnavailable:
@@ -350,9 +351,30 @@ class Node:
             else:
                 self._locks[name] = (lock, users - 1)
 
+    # ---- the durable log, as the broker sees it (``DurableLog``) ----------
+
+    def durable(self, channel: str) -> bool:
+        try:
+            return self.channels.resolve(channel).options.persist
+        except errors.SquallError:
+            return False
+
+    async def last_position(self, channel: str) -> StreamPosition | None:
+        try:
+            return await self.store.last_position(channel)
+        except StoreUnavailable as exc:
+            raise BrokerUnavailable(
+                f"the durable log cannot say where {channel} stands: {exc}"
+            ) from None
+
     async def _seed_durable(self, channel: Channel) -> None:
         """Make the broker's stream of a durable channel continue the log's
-        epoch and offset (after a restart, or after the stream expired)."""
+        epoch and offset (after a restart, or after the stream expired). A
+        broker that seeds from the log itself (Redis) is left to it: it
+        reads the log whenever the stream is missing, not a cached position
+        that other nodes' publications may have passed."""
+        if self.broker.seeds_from_log:
+            return
         last = self._durable.get(channel.name)
         if last is None:
             try:
@@ -453,8 +475,19 @@ class Node:
                         at=at,
                         time_ms=pub.time_ms,
                     )
-                except OffsetConflict:
-                    log.error("broker stream of %s moved during a durable publish", name)
+                except OffsetConflict as exc:
+                    # The log has it (acknowledged): the broker's stream is
+                    # elsewhere. Behind it (a lagging Redis server
+                    # answered): hand over what the log holds past it, this
+                    # publication included.
+                    current = exc.current
+                    if current.epoch == at.epoch and current.offset < at.offset:
+                        log.warning("%s: the broker's stream is at %d, the log at %d: "
+                                    "handing it over", name, current.offset, at.offset)  # fmt: skip
+                        with contextlib.suppress(BrokerUnavailable):
+                            await self._repair(channel, current)
+                    else:
+                        log.error("broker stream of %s moved during a durable publish", name)
                     return pub
                 except BrokerUnavailable as exc:
                     # The log has it: it is made, whatever the broker did.
@@ -481,6 +514,26 @@ class Node:
                     time_ms=pub.time_ms,
                 )
 
+    async def _catch_up_with_log(
+        self, channel: Channel, position: StreamPosition, wanted: int
+    ) -> StreamPosition:
+        """A durable channel's broker stream is at ``position``, behind an
+        offset a client holds (``wanted``): if the log has it, publish what
+        the log holds past ``position`` to the broker."""
+        try:
+            last = await self.store.last_position(channel.name)
+        except StoreUnavailable as exc:
+            raise errors.Unavailable(f"store: {exc}") from None
+        if last is None or last.epoch != position.epoch or last.offset < wanted:
+            return position
+        log.warning("%s: the broker's stream is at %d, the log at %d: handing it over",
+                    channel.name, position.offset, last.offset)  # fmt: skip
+        try:
+            await self._repair(channel, position)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
+        return last
+
     async def recover(self, channel: Channel, offset: int, epoch: str) -> Recovery:
         """What a client that saw ``offset`` of ``epoch`` missed. ``recovered``
         is True only when every missed publication is returned, in order."""
@@ -492,6 +545,17 @@ class Node:
         except BrokerUnavailable as exc:
             raise errors.Unavailable(f"broker: {exc}") from None
         position = result.position
+        if channel.options.persist and epoch == position.epoch and offset > position.offset:
+            # The client holds more than the broker's stream: the stream
+            # lags the log (a Redis server that had not seen the last
+            # publications answered). The log decides; hand the broker what
+            # it lacks, and read again.
+            position = await self._catch_up_with_log(channel, position, offset)
+            try:
+                result = await self.broker.history(channel.name, after=offset, limit=limit + 1)
+            except BrokerUnavailable as exc:
+                raise errors.Unavailable(f"broker: {exc}") from None
+            position = result.position
         if epoch != position.epoch or offset > position.offset:
             return Recovery([], position, False)
         missed = position.offset - offset

@@ -82,8 +82,25 @@ class BrokerHandler(Protocol):
         ...
 
 
+class DurableLog(Protocol):
+    """What a broker may ask of the node's durable log (``Broker.use_log``)."""
+
+    def durable(self, channel: str) -> bool:
+        """``channel``'s publications are in the log: its stream must go on
+        from the log's position, never start afresh."""
+        ...
+
+    async def last_position(self, channel: str) -> StreamPosition | None:
+        """The log's newest position of ``channel`` (None: it holds none).
+        Raises ``BrokerUnavailable`` when the log cannot say."""
+        ...
+
+
 class Broker(Protocol):
     name: str
+    # True once ``use_log`` made the broker seed durable streams itself from
+    # the log whenever they are missing (the node then need not).
+    seeds_from_log: bool
     # True when concurrent ``publish`` calls land in the order they were
     # made, so a session may have several of one client's publishes in
     # flight at once (see ``Session._begin_publish``).
@@ -124,6 +141,12 @@ class Broker(Protocol):
         handed to its handler (None when the node does not follow the
         channel). Every publication past it reaches the handler later. It
         can lag ``position``: publications still on their way here."""
+        ...
+
+    def use_log(self, log: DurableLog) -> None:
+        """Let the broker read durable channels' positions from ``log`` (a
+        broker whose streams can vanish behind the node's back, as after a
+        Redis failover, must; one that keeps them in the process need not)."""
         ...
 
     async def seed(self, channel: str, position: StreamPosition) -> None:

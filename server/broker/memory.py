@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import suppress
 from typing import Any
 
-from server.broker import BrokerHandler, OffsetConflict, PresenceEdge
+from server.broker import BrokerHandler, DurableLog, OffsetConflict, PresenceEdge
 from server.models import ClientInfo, HistoryOptions, HistoryResult, Publication, StreamPosition
 
 
@@ -44,6 +44,9 @@ class MemoryBroker:
     # Publishing never waits here, so a session gains nothing by keeping
     # several publishes in flight.
     ordered_publish = False
+    # Streams live in this process: the node seeds durable ones (they vanish
+    # only with the process, or when they expire).
+    seeds_from_log = False
 
     def __init__(self, *, sweep_interval: float = 60.0) -> None:
         self._streams: dict[str, _Stream] = {}
@@ -123,6 +126,9 @@ class MemoryBroker:
         # Publishing delivers at once: nothing is ever on its way.
         stream = self._streams.get(channel)
         return StreamPosition(stream.offset, stream.epoch) if stream is not None else None
+
+    def use_log(self, log: DurableLog) -> None:
+        pass
 
     async def seed(self, channel: str, position: StreamPosition) -> None:
         if channel not in self._streams:

@@ -59,6 +59,7 @@ from server.broker import (
     SENTINEL_SCHEME,
     BrokerHandler,
     BrokerUnavailable,
+    DurableLog,
     OffsetConflict,
     PresenceEdge,
     ReplicasNotAcknowledged,
@@ -77,6 +78,8 @@ POOL_SIZE = 64
 CLUSTER_POOL_SIZE = 1024
 # Script calls sent in one pipeline at most.
 PIPELINE_MAX = 512
+# Tries to seed a durable stream that vanishes again at once (failovers).
+SEED_ATTEMPTS = 3
 # A publication Redis has had this long and a node has not seen is lost; a
 # younger one may still be on its way over pub/sub (seconds).
 IN_FLIGHT_GRACE = 1.0
@@ -659,6 +662,9 @@ class RedisBroker:
             "node_list": lua.NODE_LIST,
         }
         self._handler: BrokerHandler | None = None
+        # The node's durable log: durable streams are seeded from it.
+        self._log: DurableLog | None = None
+        self.seeds_from_log = False
         self._subscribed: set[str] = set()
         self._last: dict[str, StreamPosition] = {}
         # Per channel: the position Redis reported at a periodic check, and when.
@@ -795,17 +801,48 @@ class RedisBroker:
             raise OffsetConflict(StreamPosition(int(offset), epoch))
         return Publication(channel, int(offset), epoch, data, info, time_ms)
 
+    def use_log(self, log: DurableLog) -> None:
+        self._log = log
+        self.seeds_from_log = True
+
+    def _epoch_for(self, channel: str) -> str:
+        """The epoch a missing stream of ``channel`` may start under: none
+        ('') for a durable channel, whose stream is seeded from the log."""
+        log = self._log
+        return "" if log is not None and log.durable(channel) else _new_epoch()
+
+    async def _seed_from_log(self, channel: str) -> None:
+        """A durable channel's stream is missing, or stale after a failover:
+        start it again at the log's position (fresh, if the log has none)."""
+        assert self._log is not None
+        last = await self._log.last_position(channel)
+        if last is None:
+            await self._call(self._shard(channel), "position", self._keys(channel),
+                             [_new_epoch(), DEFAULT_META_TTL])  # fmt: skip
+        else:
+            await self.seed(channel, last)
+
     async def position(self, channel: str) -> StreamPosition:
         await self._after_subscribing(channel)
+        return await self._read_position(channel)
+
+    async def _read_position(self, channel: str) -> StreamPosition:
         shard = self._shard(channel)
-        keys, args = self._keys(channel), [_new_epoch(), DEFAULT_META_TTL]
-        if shard.cluster:
-            offset, epoch = await self._call(shard, "position", keys, args)
-        else:
-            # A storm of subscribers to one channel asks for its position
-            # once per round trip, not once each.
-            offset, epoch = await shard.positions.call(channel, keys, args)
-        return StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
+        keys = self._keys(channel)
+        for _ in range(SEED_ATTEMPTS):
+            args = [self._epoch_for(channel), DEFAULT_META_TTL]
+            if shard.cluster:
+                offset, epoch = await self._call(shard, "position", keys, args)
+            else:
+                # A storm of subscribers to one channel asks for its position
+                # once per round trip, not once each.
+                offset, epoch = await shard.positions.call(channel, keys, args)
+            if int(offset) >= 0:
+                return StreamPosition(
+                    int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch
+                )
+            await self._seed_from_log(channel)
+        raise BrokerUnavailable(f"the stream of {channel} keeps vanishing from Redis")
 
     def delivered(self, channel: str) -> StreamPosition | None:
         # While a gap is being filled this stays at what was handed over
@@ -825,15 +862,20 @@ class RedisBroker:
     ) -> HistoryResult:
         await self._after_subscribing(channel)
         start = "-" if after is None else str(after + 1)
-        offset, epoch, messages = await self._call(
-            self._shard(channel),
-            "history",
-            self._keys(channel),
-            [_new_epoch(), DEFAULT_META_TTL, start, max(0, limit), "1" if reverse else "0"],
-        )
-        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
-        pubs = [decode_message(channel, m) for m in messages]
-        return HistoryResult(pubs, StreamPosition(int(offset), epoch))
+        for _ in range(SEED_ATTEMPTS):
+            offset, epoch, messages = await self._call(
+                self._shard(channel),
+                "history",
+                self._keys(channel),
+                [self._epoch_for(channel), DEFAULT_META_TTL, start, max(0, limit),
+                 "1" if reverse else "0"],
+            )  # fmt: skip
+            if int(offset) >= 0:
+                epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
+                pubs = [decode_message(channel, m) for m in messages]
+                return HistoryResult(pubs, StreamPosition(int(offset), epoch))
+            await self._seed_from_log(channel)
+        raise BrokerUnavailable(f"the stream of {channel} keeps vanishing from Redis")
 
     # ---- subscriptions (batched) ----------------------------------------
 
@@ -951,10 +993,15 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis: {exc}") from None
 
     async def _positions(self, shard: _Shard, channels: Sequence[str]) -> list[StreamPosition]:
-        calls = [(self._keys(c), [_new_epoch(), DEFAULT_META_TTL]) for c in channels]
+        """The positions of ``channels`` (on one shard) in one round trip;
+        durable streams found missing are seeded from the log first."""
+        calls = [(self._keys(c), [self._epoch_for(c), DEFAULT_META_TTL]) for c in channels]
         replies = await self._run_many(shard, "position", calls)
         out = []
-        for offset, epoch in replies:
+        for channel, (offset, epoch) in zip(channels, replies, strict=True):
+            if int(offset) < 0:
+                out.append(await self._read_position(channel))
+                continue
             out.append(
                 StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
             )

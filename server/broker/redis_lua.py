@@ -19,6 +19,10 @@ other server, or by this one in an earlier role, counts as gone: it starts
 again at offset 0 under a new epoch, exactly as an expired stream does.
 A promoted replica gets a new replication id and a restarted server a new
 run id, so whatever may have lost acknowledged publications gets a new epoch.
+A durable channel's stream is never started afresh: its scripts are called
+with an empty ``new_epoch`` and report a missing or stale stream instead
+(offset -1), and the broker seeds it from the durable log, which holds every
+acknowledged publication, so its epoch and offsets go on.
 """
 
 # Shared helpers, prepended to each script.
@@ -73,9 +77,13 @@ local function trim(hist, now)
 end
 
 -- The stream's epoch and offset, creating the stream when it has none.
+-- With new_epoch '' (a durable channel, whose position is the log's) a
+-- missing or stale stream is not created: -1, '' say so, and the caller
+-- seeds it from the log.
 local function position(meta, hist, new_epoch, meta_ttl)
   local epoch = redis.call('HGET', meta, 'e')
   if not epoch or stale(meta) then
+    if new_epoch == '' then return -1, '' end
     redis.call('DEL', meta)
     set_meta(meta, new_epoch, 0)
     redis.call('EXPIRE', meta, meta_ttl)
@@ -134,7 +142,7 @@ local meta, hist = KEYS[1], KEYS[2]
 local offset, epoch = position(meta, hist, ARGV[1], ARGV[2])
 local count = tonumber(ARGV[4])
 local out = {}
-if count > 0 then
+if count > 0 and offset >= 0 then
   trim(hist, now_ms())
   local entries
   if ARGV[5] == '1' then

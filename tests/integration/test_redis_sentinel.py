@@ -426,6 +426,127 @@ async def test_failover_while_publishing_loses_nothing_silently(
             await sub.stop()
 
 
+DURABLE = {"namespaces": {"logged": {"persist": True, "history_size": 1000}}}
+
+
+async def test_a_durable_channel_keeps_its_epoch_and_offsets_across_a_failover(
+    make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
+) -> None:
+    """Acknowledged publications of a durable channel are in the log, so a
+    failover to a replica that missed some loses nothing: the stream goes on
+    from the log's position, under the same epoch, and a client recovers
+    what the replica never had from the log."""
+    server = await make_server({**sentinel_config(sentinel_set, prefix), **DURABLE})
+    api = server.api()
+    channel = "logged:ch"
+    replicated = [await api.publish(channel, {"n": i}) for i in range(3)]
+    epoch = replicated[0]["epoch"]
+    replica = aioredis.Redis(port=sentinel_set.replica.port)
+    try:
+        meta = f"{prefix}:{{{channel}}}:meta"
+        for _ in range(250):
+            if await replica.hget(meta, "o") == b"3":
+                break
+            await asyncio.sleep(0.02)
+        sentinel_set.cut_replication()
+        lost_on_replica = [await api.publish(channel, {"n": i}) for i in range(3, 5)]
+        assert [(p["epoch"], p["offset"]) for p in lost_on_replica] == [(epoch, 4), (epoch, 5)]
+    finally:
+        await replica.aclose()
+    raw = await server.connected()
+    sub = (await raw.call("subscribe", {"channel": channel}))["result"]
+    assert (sub["epoch"], sub["offset"]) == (epoch, 5)
+    old = sentinel_set.kill_master()
+    await new_master(sentinel_set, old)
+    # The node subscribed to the channel reads its position on the new master
+    # (resync after the reconnect, or the periodic check) before anyone
+    # publishes: that read must not start the stream afresh.
+    master = aioredis.Redis(port=sentinel_set.master.port)
+    try:
+        meta = f"{prefix}:{{{channel}}}:meta"
+        for _ in range(500):
+            if await master.exists(meta):
+                break
+            await asyncio.sleep(0.02)
+        assert await master.hget(meta, "e") == epoch.encode()
+    finally:
+        await master.aclose()
+    after = await publish_until_ok(api, channel, {"n": 5})
+    # Not a new epoch, and not offset 4 again: the log's next position.
+    assert (after["epoch"], after["offset"]) == (epoch, 6)
+    # A client that held offset 5 has nothing to miss but offset 6.
+    again = await server.connected()
+    reply = await again.call(
+        "subscribe", {"channel": channel, "recover": True, "offset": 5, "epoch": epoch}
+    )
+    assert reply["result"]["recovered"] is True
+    assert [p["offset"] for p in reply["result"]["publications"]] == [6]
+    # A client that saw only what the replica had recovers the rest from the log.
+    again = await server.connected()
+    reply = await again.call(
+        "subscribe", {"channel": channel, "recover": True, "offset": 3, "epoch": epoch}
+    )
+    assert reply["result"]["recovered"] is True
+    assert [(p["offset"], p["data"]["n"]) for p in reply["result"]["publications"]] == [
+        (4, 3),
+        (5, 4),
+        (6, 5),
+    ]
+
+
+async def test_durable_subscribers_lose_nothing_and_see_no_gap_across_a_failover(
+    make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
+) -> None:
+    server = await make_server({**sentinel_config(sentinel_set, prefix), **DURABLE})
+    api = server.api()
+    subscribers = [Subscriber(server, "logged:live") for _ in range(3)]
+    for sub in subscribers:
+        sub.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subscribers)), 10)
+        acked: dict[tuple[str, int], int] = {}
+        old_port = 0
+        n = 0
+        after_kill = 0
+        deadline = time.monotonic() + 40
+        while n < 400 and time.monotonic() < deadline and after_kill < 60:
+            if n == 40:
+                old_port = sentinel_set.kill_master()
+            try:
+                ack = await api.publish("logged:live", {"n": n})
+            except ApiError as exc:
+                assert exc.status in (503, 599), exc
+            else:
+                key = (ack["epoch"], ack["offset"])
+                assert key not in acked, f"offset {key} handed out twice"
+                acked[key] = n
+                if old_port:
+                    after_kill += 1
+            n += 1
+            await asyncio.sleep(0.02)
+        assert after_kill >= 60, "publishing did not come back after the failover"
+        await new_master(sentinel_set, old_port)
+        # One epoch, offsets without a hole: the log's sequence went on.
+        assert len({e for e, _ in acked}) == 1, sorted(acked)
+        offsets = sorted(o for _, o in acked)
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), offsets
+        last = max(acked, key=lambda k: acked[k])
+        await wait_for(
+            lambda: all(last in {(e, o) for e, o, _ in s.received()} for s in subscribers),
+            timeout=20,
+            message="the subscribers to get the last publication",
+        )
+        counts = check_honesty(acked, subscribers)
+        assert counts["missed_in_told_gaps"] == 0
+        for sub in subscribers:
+            assert not any(e[0] == "recover" and e[1] is False for e in sub.events), compact(
+                sub.events
+            )
+    finally:
+        for sub in subscribers:
+            await sub.stop()
+
+
 async def test_a_demoted_master_is_left_for_the_new_one(
     make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
 ) -> None:
