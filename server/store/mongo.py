@@ -13,8 +13,10 @@ wire protocol and implements them works (tests run on FerretDB).
   collision with the *same* publication (a retry) is a no-op.
 - Search indexing: a searchable publication is also queued, whole, in a small
   ``index_queue`` collection, written *before* the publication itself. The
-  indexer reads the queue (never scans the log), checks that each queued
-  publication made it into the log, and deletes queue entries once indexed:
+  indexer reads the queue (never scans the log), reads each queued
+  publication back from the log and indexes the log's copy (the entry of a
+  failed append may name a position another publication took), and deletes
+  queue entries once indexed:
   the queue is the indexer's persisted checkpoint. A crash between the two
   writes leaves an entry whose publication never came; it is dropped after
   ``orphan_after`` seconds.
@@ -124,9 +126,10 @@ class MongoStore:
         self._ok = False
         self.ttl_index = False
         self._queue: AsyncCollection[dict[str, Any]] | None = None
-        # Positions this process appended (so known to be in the log), and the
-        # queue entry of each publication pending_index handed out.
-        self._appended: dict[tuple[str, str, int], None] = {}
+        # The queue entry of each searchable publication this process
+        # appended (so known to be in the log with that entry's data), and
+        # the queue entries of each publication pending_index handed out.
+        self._appended: dict[tuple[str, str, int], ObjectId] = {}
         self._handed: dict[tuple[str, str, int], set[ObjectId]] = {}
         # Seconds after which a queue entry whose publication is not in the
         # log is taken for a failed append and dropped.
@@ -241,8 +244,8 @@ class MongoStore:
             raise
         if len(self._appended) > 100_000:
             self._appended.clear()
-        for d in docs:
-            self._appended[(d["channel"], d["epoch"], d["offset"])] = None
+        for d, queue_id in zip(docs, queued, strict=False):
+            self._appended[(d["channel"], d["epoch"], d["offset"])] = queue_id
 
     async def _insert(
         self, col: AsyncCollection[dict[str, Any]], docs: list[dict[str, Any]]
@@ -311,10 +314,23 @@ class MongoStore:
         return [_pub(d) for d in docs]
 
     async def last_position(self, channel: str) -> StreamPosition | None:
+        """The newest epoch's highest offset. ``_id`` orders one process's
+        inserts only (an ObjectId is its second, a per-process random part,
+        then a counter): of two nodes' appends in one second, the later may
+        sort first. So ``_id`` only names the newest epoch (epochs change
+        far apart), and the offset is the highest of that epoch."""
         col = self._collection()
+        newest = await self._call(
+            lambda: col.find_one({"channel": channel}, {"epoch": 1}, sort=[("_id", DESCENDING)])
+        )
+        if newest is None:
+            return None
+        epoch = newest["epoch"]
         doc = await self._call(
             lambda: col.find_one(
-                {"channel": channel}, {"offset": 1, "epoch": 1}, sort=[("_id", DESCENDING)]
+                {"channel": channel, "epoch": epoch},
+                {"offset": 1, "epoch": 1},
+                sort=[("offset", DESCENDING)],
             )
         )
         return StreamPosition(int(doc["offset"]), doc["epoch"]) if doc else None
@@ -333,19 +349,26 @@ class MongoStore:
         )
         if not entries:
             return []
-        keys = {(e["channel"], e["epoch"], e["offset"]) for e in entries}
-        unknown = keys - self._appended.keys()
-        if unknown:
-            # Queued by another process, or before a restart: in the log?
+        # What is indexed is the log's publication. A queue entry this
+        # process wrote for an append that landed has the same data; any
+        # other is read back from the log: the entry of a failed append (a
+        # conflict: another node took that offset) whose removal failed (the
+        # store went down meanwhile) names a position another publication took.
+        mine = {
+            (e["channel"], e["epoch"], e["offset"]): e
+            for e in entries
+            if self._appended.get((e["channel"], e["epoch"], e["offset"])) == e["_id"]
+        }
+        others = {(e["channel"], e["epoch"], e["offset"]) for e in entries} - mine.keys()
+        in_log: dict[tuple[str, str, int], dict[str, Any]] = dict(mine)
+        if others:
             col = self._collection()
             found = await self._call(
                 lambda: col.find(
-                    {"$or": [dict(zip(_POSITION, k, strict=True)) for k in unknown]},
-                    {"channel": 1, "epoch": 1, "offset": 1},
+                    {"$or": [dict(zip(_POSITION, k, strict=True)) for k in others]}
                 ).to_list()
             )
-            present = {(d["channel"], d["epoch"], d["offset"]) for d in found}
-            unknown -= present
+            in_log.update({(d["channel"], d["epoch"], d["offset"]): d for d in found})
         out: list[Publication] = []
         out_keys: set[tuple[str, str, int]] = set()
         orphans: list[ObjectId] = []
@@ -354,13 +377,14 @@ class MongoStore:
             self._handed.clear()
         for entry in entries:
             key = (entry["channel"], entry["epoch"], entry["offset"])
-            if key in unknown:
+            doc = in_log.get(key)
+            if doc is None:
                 if now - entry["_id"].generation_time.timestamp() > self.orphan_after:
                     orphans.append(entry["_id"])
                 continue
             if key not in out_keys:
                 out_keys.add(key)
-                out.append(_pub(entry))
+                out.append(_pub(doc))
             self._handed.setdefault(key, set()).add(entry["_id"])
         if orphans:
             log.warning("store: dropping %d index-queue entries of failed appends", len(orphans))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from server.models import StreamPosition
 from server.store import StoreUnavailable
 from server.store.mongo import MongoStore
 from tests.conftest import mongo_url
@@ -69,3 +70,40 @@ async def test_an_entry_whose_append_never_landed_is_dropped(store: MongoStore) 
     store.orphan_after = 0
     assert [p.channel for p in await store.pending_index(10)] == ["real"]
     assert await queue.count_documents({"channel": "ghost"}) == 0
+
+
+async def test_last_position_is_the_highest_offset_whatever_the_insert_ids(
+    store: MongoStore,
+) -> None:
+    # Two nodes append to one log within one second: an ObjectId orders
+    # by second, then by a per-process random part, so the later append (offset
+    # 2, by another process) may carry the smaller _id. Recovery and seeding
+    # read last_position: offset 1 there would hand offset 2 out twice.
+    from bson import ObjectId
+
+    await store.append([pub("lp", 1)])
+    first = await store._collection().find_one({"channel": "lp", "offset": 1})
+    assert first is not None
+    earlier = ObjectId(bytes(first["_id"].binary[:4]) + b"\x00" * 8)
+    assert earlier < first["_id"]
+    doc = {k: v for k, v in first.items() if k != "_id"}
+    await store._collection().insert_one({**doc, "_id": earlier, "offset": 2})
+    assert await store.last_position("lp") == StreamPosition(2, "e1")
+
+
+async def test_the_indexer_gets_the_logs_publication_not_a_stale_queue_entry(
+    store: MongoStore,
+) -> None:
+    # A node lost a race for offset 1 (another took it) and the store went
+    # down before it could remove its queue entry: the entry names offset 1
+    # with the loser's data. The search index must get the winner's.
+    queue = store._index_queue()
+    await queue.insert_one(
+        {"channel": "race", "epoch": "e1", "offset": 1, "data": b'{"loser":1}', "time_ms": 1}
+    )
+    winner = pub("race", 1)
+    await store.append([winner], searchable=True)
+    pending = await store.pending_index(10)
+    assert [(p.offset, p.data) for p in pending] == [(1, winner.data)]
+    await store.mark_indexed(pending)
+    assert await queue.count_documents({"channel": "race"}) == 0
