@@ -52,7 +52,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
 from server.broker import (
@@ -439,6 +439,34 @@ class _WaitingCluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
 
 
+class _NewestSentinel(Sentinel):
+    """redis-py's Sentinel client, but the master is the one named under the
+    highest configuration epoch of all the sentinels that answer, not by the
+    first that answers. Right after a failover a sentinel that has not heard
+    of it yet still names the old master, which, once a network fault on it
+    heals, answers as master until the sentinels demote it: a node that
+    believed it would write to a server about to be wiped, and read streams
+    that lag the new master's."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        async def ask(sentinel: Any) -> tuple[int, tuple[str, int]] | None:
+            masters = await sentinel.sentinel_masters()
+            state = masters.get(service_name)
+            if not state or not self.check_master_state(state, service_name):
+                return None
+            return int(state.get("config-epoch", 0)), (state["ip"], int(state["port"]))
+
+        answers = await asyncio.gather(*(ask(s) for s in self.sentinels), return_exceptions=True)
+        named = [a for a in answers if isinstance(a, tuple)]
+        if not named:
+            errors = [repr(a) for a in answers if isinstance(a, BaseException)]
+            raise MasterNotFoundError(
+                f"No master found for {service_name!r}"
+                + (f": {', '.join(errors)}" if errors else "")
+            )
+        return max(named, key=lambda a: a[0])[1]
+
+
 class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's sentinel pool (connections to whichever server the
     sentinels name master) that waits for a free connection when all are in
@@ -537,7 +565,7 @@ class _Shard:
             server_kwargs["password"] = target.password
         if target.username is not None:
             server_kwargs["username"] = target.username
-        self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        self.sentinel = _NewestSentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **server_kwargs
         )
         self.label = f"shard {self.index} ({target.master})"
