@@ -221,13 +221,24 @@ class RedisSentinelSet:
     start (``known-sentinel``), so no discovery wait."""
 
     def __init__(self, name: str = "squall", *, down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 3000) -> None:  # fmt: skip
+                 failover_timeout_ms: int = 3000,
+                 fronts: dict[int, int] | None = None) -> None:  # fmt: skip
+        """``fronts``: two servers' ports (master's first), each mapped to the
+        port everyone else reaches it at (a proxy in front of it): the
+        servers announce those, so replication, the sentinels and clients
+        all go through the proxies. By default servers are reached directly."""
         self.name = name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.fronts = dict(fronts or {})
+        if self.fronts and len(self.fronts) != 2:
+            raise ValueError("fronts: the master's and the replica's ports, two")
+        self._ports = list(self.fronts) or [0, 0]
         # No 5 s wait before a full sync (either may be master later).
-        self.master = RedisServer("--repl-diskless-sync-delay", "0")
-        self.replica = RedisServer("--repl-diskless-sync-delay", "0")
+        self.master, self.replica = (
+            RedisServer("--repl-diskless-sync-delay", "0", *self._announce(port))
+            for port in self._ports
+        )
         self.sentinel_ports: list[int] = []
         self.sentinels: list[_Process] = []
         self.dir = Path(tempfile.mkdtemp(prefix="squall-sentinel-"))
@@ -249,11 +260,35 @@ class RedisSentinelSet:
             raise
         return self
 
+    def _announce(self, port: int) -> tuple[str, ...]:
+        front = self.fronts.get(port)
+        if front is None:
+            return ()
+        return ("--replica-announce-ip", "127.0.0.1", "--replica-announce-port", str(front))
+
+    def visible(self, port: int) -> int:
+        """The port others reach the server on ``port`` at."""
+        return self.fronts.get(port, port)
+
+    def _real(self, visible: int) -> int:
+        for real, front in self.fronts.items():
+            if front == visible:
+                return real
+        return visible
+
+    def replica_of(self, server: RedisServer, master_port: int) -> None:
+        """Make ``server`` start as a replica of the server on ``master_port``
+        (replacing what it replicated before)."""
+        extra = list(server.extra)
+        if "--replicaof" in extra:
+            i = extra.index("--replicaof")
+            del extra[i : i + 3]
+        server.extra = (*extra, "--replicaof", "127.0.0.1", str(self.visible(master_port)))
+
     def _start(self) -> None:
-        self.master.start()
-        self.replica.extra = (*self.replica.extra, "--replicaof", "127.0.0.1",
-                              str(self.master.port))  # fmt: skip
-        self.replica.start()
+        self.master.start(port=self._ports[0] or None)
+        self.replica_of(self.replica, self.master.port)
+        self.replica.start(port=self._ports[1] or None)
         wait_until(lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
                    15, "the replica in sync")  # fmt: skip
         # Just after its first sync a replica can take most of a second to
@@ -268,11 +303,12 @@ class RedisSentinelSet:
             conf.write_text("\n".join([
                 f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.dir}",
                 f"sentinel myid {ids[i]}",
-                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2",
+                f"sentinel monitor {self.name} 127.0.0.1 {self.visible(self.master.port)} 2",
                 f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
                 f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
                 f"sentinel parallel-syncs {self.name} 1",
-                f"sentinel known-replica {self.name} 127.0.0.1 {self.replica.port}",
+                f"sentinel known-replica {self.name} 127.0.0.1 "
+                f"{self.visible(self.replica.port)}",
                 *others, "",
             ]))  # fmt: skip
             proc = _Process()
@@ -300,9 +336,22 @@ class RedisSentinelSet:
         return True
 
     def master_port(self, index: int = 0) -> int | None:
-        """The master's port as sentinel ``index`` reports it."""
+        """The master's port as sentinel ``index`` reports it (the server's
+        own port, also when it is reached through a front)."""
         lines = self.sentinel_cli(index, "sentinel", "get-master-addr-by-name", self.name).split()
-        return int(lines[1]) if len(lines) >= 2 else None
+        return self._real(int(lines[1])) if len(lines) >= 2 else None
+
+    def sync_roles(self) -> None:
+        """Make ``master``/``replica`` name the servers the sentinels' majority
+        names (a failover the set did not start, after a network fault,
+        swaps them)."""
+        votes = [self.master_port(i) for i in range(len(self.sentinels))]
+        ports = [p for p in votes if p is not None]
+        if not ports:
+            return
+        port = max(set(ports), key=ports.count)
+        if port == self.replica.port:
+            self.master, self.replica = self.replica, self.master
 
     def kill_master(self) -> int:
         """SIGKILL the current master (by its PID); returns its port."""

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", help=f"comma-separated fault kinds (of {','.join(ALL_KINDS)})")
     parser.add_argument("--redis-persistence", choices=("aof-always", "aof-everysec", "none"))
     parser.add_argument("--redis", dest="redis_kind", choices=REDIS_BACKENDS,
-                        help="single (default), sentinel (experimental; CHAOS_REDIS)")  # fmt: skip
+                        help="sentinel (default) or single (CHAOS_REDIS)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--check", type=Path, metavar="HISTORY", help="only check this history")
     parser.add_argument("-v", "--verbose", action="store_true")

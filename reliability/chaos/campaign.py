@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.client import ApiClient, ApiError
+
 from .checker import CheckResult, check
 from .clients import Publisher, RecordingClient, start_subscriber
 from .faults import ALL_KINDS, FaultRunner, make_schedule
@@ -40,7 +42,7 @@ class Params:
     max_concurrent: int = 2
     kinds: tuple[str, ...] = ALL_KINDS
     redis_persistence: str = "aof-always"
-    redis_kind: str = "single"
+    redis_kind: str = "sentinel"
     volatile_history: int = 16
     connect_concurrency: int = 50
     out_dir: Path = RESULTS
@@ -56,7 +58,7 @@ class Params:
             publish_rate=float(env.get("CHAOS_PUBLISH_RATE", "10")),
             max_concurrent=int(env.get("CHAOS_MAX_CONCURRENT", "2")),
             redis_persistence=env.get("CHAOS_REDIS_PERSISTENCE", "aof-always"),
-            redis_kind=env.get("CHAOS_REDIS", "single"),
+            redis_kind=env.get("CHAOS_REDIS", "sentinel"),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -93,6 +95,7 @@ async def run_campaign(params: Params) -> Outcome:
         params.seconds - params.quiet_seconds,
         kinds=params.kinds,
         max_concurrent=params.max_concurrent,
+        redis=params.redis_kind,
     )
     channels = params.channels()
     meta = {
@@ -165,6 +168,11 @@ async def run_campaign(params: Params) -> Outcome:
         caught_up = await _settle(clients, history, params.settle_timeout)
         extra["caught_up"] = caught_up
         timings["settled"] = round(time.monotonic() - started, 1)
+        if topology.opensearch is not None:
+            extra["search"] = await _read_index(topology, history, channels[DURABLE_NS],
+                                                [p.name for p in publishers],
+                                                params.settle_timeout)  # fmt: skip
+            timings["indexed"] = round(time.monotonic() - started, 1)
     finally:
         for p in publishers:
             await p.close()
@@ -242,6 +250,62 @@ async def _settle(clients: list[RecordingClient], history: History, timeout: flo
             history.record("settle_timeout", behind=behind)
             return False
         await asyncio.sleep(0.5)
+
+
+async def _read_index(
+    topology: Topology,
+    history: History,
+    channels: list[str],
+    publishers: list[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """Read back, through ``/api/search``, every publication of the durable
+    (searchable) channels, until each acknowledged one is there or
+    ``timeout`` passes (the indexers catch up after a search outage); record
+    what was found (``ix``) for the checker."""
+    api = ApiClient(topology.api_url, API_KEY, timeout=10.0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    found: dict[str, set[str]] = {c: set() for c in channels}
+    errors: list[str] = []
+    rounds = 0
+    while True:
+        rounds += 1
+        acked = {c: set() for c in channels}
+        for r in read_history_live(history):
+            if r["c"] in acked:
+                acked[r["c"]].add(r["i"])
+        for channel in channels:
+            for publisher in publishers:  # the ids' first word: "http0-17"
+                try:
+                    found[channel] |= await _search_all(api, channel, publisher)
+                except (ApiError, OSError, TimeoutError) as exc:
+                    errors.append(f"{channel} {publisher}: {exc!r}"[:300])
+        missing = sum(len(acked[c] - found[c]) for c in channels)
+        if missing == 0 or loop.time() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    for channel in channels:
+        history.record("ix", c=channel, ids=sorted(found[channel]))
+    return {"rounds": rounds, "missing_at_end": missing, "errors": errors[-10:]}
+
+
+async def _search_all(api: ApiClient, channel: str, word: str) -> set[str]:
+    ids: set[str] = set()
+    cursor = None
+    for _ in range(1000):  # pages of 100: bounded
+        body: dict[str, Any] = {"query": word, "channel": channel, "limit": 100}
+        if cursor is not None:
+            body["cursor"] = cursor
+        page = await api.call("search", body)
+        for hit in page["hits"]:
+            data = hit.get("data")
+            if isinstance(data, dict) and isinstance(data.get("id"), str):
+                ids.add(data["id"])
+        cursor = page.get("cursor")
+        if not cursor:
+            break
+    return ids
 
 
 def read_history_live(history: History) -> list[dict[str, Any]]:

@@ -17,6 +17,10 @@ application (deliveries with ``a == 1``):
   acknowledged publication never delivered, reported or not) and
   ``durable_not_recovered`` (a recovery answered ``recovered: false``).
 
+When the run read the search index back (``ix`` records, one per durable
+channel): ``not_indexed``, an acknowledged publication of that channel the
+search never returned.
+
 Across the run: ``offset_reused`` (two acknowledged publications at one
 epoch and offset of a channel), ``position_mismatch`` (delivered at another
 position than acknowledged), ``phantom`` (a delivery of a publication nobody
@@ -96,6 +100,7 @@ def check(
     per_sub: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     sub_channels: dict[str, set[str]] = defaultdict(set)
     client_events: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    indexed: dict[str, set[str]] = {}
     stats: Counter[str] = Counter()
     violations: list[Violation] = []
     warnings: list[Violation] = []
@@ -133,6 +138,8 @@ def check(
             stats[{"cn": "connects", "dc": "disconnects", "cl": "clients_gave_up"}[k]] += 1
         elif k == "fs":
             stats["faults_failed_to_apply" if r.get("err") else "faults_injected"] += 1
+        elif k == "ix":
+            indexed[r["c"]] = set(r["ids"])
 
     # ---- across the run --------------------------------------------------
     by_position: dict[tuple[str, str, int], list[_Pub]] = defaultdict(list)
@@ -152,6 +159,19 @@ def check(
             ))  # fmt: skip
     for channel_pubs in acked_by_channel.values():
         channel_pubs.sort(key=lambda p: (p.t_ack, p.offset or 0))
+
+    for channel, ids in indexed.items():
+        acked_ids = acked_by_channel.get(channel, [])
+        stats["indexed_found"] += sum(1 for p in acked_ids if p.id in ids)
+        missing = [p for p in acked_ids if p.id not in ids]
+        if missing:
+            violations.append(Violation(
+                "not_indexed",
+                f"{len(missing)} acknowledged publication(s) of {channel} never found by search",
+                channel=channel,
+                evidence=[{"id": p.id, "epoch": p.epoch, "offset": p.offset, "t_ack": p.t_ack}
+                          for p in missing[:MAX_EVIDENCE]],
+            ))  # fmt: skip
 
     reported_phantoms: set[str] = set()
     failed_delivered: dict[str, list[Mapping[str, Any]]] = defaultdict(list)

@@ -29,6 +29,7 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "timeout": (3.0, 8.0),
     "reset_peer": (1.0, 4.0),
     "partition": (2.0, 10.0),
+    "search_outage": (3.0, 10.0),
 }
 RESTART_ATTEMPTS = 10
 RESTART_DELAY = 2.0  # seconds between tries to start a process again
@@ -40,7 +41,10 @@ ALL_KINDS = tuple(DURATIONS)
 class Fault:
     id: int
     kind: str
-    target: str  # node<i>, redis, store, or a Toxiproxy proxy: redis_n<i> / front_n<i>
+    # node<i>, redis, store, or a link: a Toxiproxy proxy, redis_n<i> (one
+    # node's link to a single Redis) / front_n<i>, or redis_master /
+    # redis_replica (the proxy in front of that server at the time).
+    target: str
     start: float  # seconds after the clients are in
     duration: float
     params: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +53,8 @@ class Fault:
     def component(self) -> str:
         if self.target.startswith(("redis_n", "front_n")):
             return "node" + self.target.rsplit("_n", 1)[1]
+        if self.target in ("redis_master", "redis_replica"):
+            return "redis"  # one Redis fault at a time: never both servers down
         return self.target
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,17 +70,26 @@ def _params(kind: str, rng: random.Random) -> dict[str, Any]:
         return {"timeout": rng.randint(500, 3000)}  # ms until the stalled link closes
     if kind == "reset_peer":
         return {"timeout": rng.randint(0, 300)}
+    if kind == "search_outage":
+        # The node hangs (SIGSTOP), or cannot be reached at all.
+        return {"mode": rng.choice(("pause", "partition"))}
     return {}
 
 
-def _target(kind: str, rng: random.Random, nodes: int) -> str:
+def _target(kind: str, rng: random.Random, nodes: int, redis: str) -> str:
     if kind in ("node_kill", "node_pause"):
         return f"node{rng.randrange(nodes)}"
     if kind == "redis_kill":
         return "redis"
     if kind == "store_outage":
         return "store"
-    return f"{rng.choice(('redis', 'front'))}_n{rng.randrange(nodes)}"
+    if kind == "search_outage":
+        return "search"
+    side, node = rng.choice(("redis", "front")), rng.randrange(nodes)
+    if side == "redis" and redis == "sentinel":
+        # Mostly the master's link: that is where a fault hurts.
+        return rng.choice(("redis_master", "redis_master", "redis_replica"))
+    return f"{side}_n{node}"
 
 
 def make_schedule(
@@ -86,6 +101,7 @@ def make_schedule(
     max_concurrent: int = 2,
     warmup: float = 3.0,
     gap: tuple[float, float] = (1.0, 6.0),
+    redis: str = "sentinel",
 ) -> list[Fault]:
     """Faults within ``[warmup, seconds]`` (the caller keeps a quiet period
     after ``seconds``); each slot runs one fault after another."""
@@ -99,7 +115,8 @@ def make_schedule(
         duration = round(rng.uniform(*DURATIONS[kind]), 2)
         if start + duration > seconds:
             break
-        fault = Fault(len(faults), kind, _target(kind, rng, nodes), round(start, 2), duration)
+        target = _target(kind, rng, nodes, redis)
+        fault = Fault(len(faults), kind, target, round(start, 2), duration)
         busy = {f.component for f in faults if f.start < start + duration and
                 start < f.start + f.duration}  # fmt: skip
         if fault.component in busy:
@@ -122,6 +139,19 @@ class FaultRunner:
         self.history = history
         self.applied: dict[str, int] = {}
         self.errors: list[str] = []
+        # Fault id -> the proxy a redis_master / redis_replica fault went to.
+        self._links: dict[int, str] = {}
+
+    def _link(self, f: Fault) -> str:
+        """The Toxiproxy proxy of a link fault (resolved once, at its start)."""
+        if f.id not in self._links:
+            target = f.target
+            if target in ("redis_master", "redis_replica"):
+                redis = self.topology.redis
+                assert redis is not None
+                target = redis.link_of(target.removeprefix("redis_"))
+            self._links[f.id] = target
+        return self._links[f.id]
 
     def _node(self, target: str) -> Any:
         index = int(target.removeprefix("node"))
@@ -139,13 +169,18 @@ class FaultRunner:
             await topo.kill_redis()
         elif f.kind == "store_outage":
             await topo.kill_store()
+        elif f.kind == "search_outage":
+            if f.params.get("mode") == "pause":
+                topo.pause_search()
+            else:
+                await tox.set_enabled("search", False)
         elif f.kind == "partition":
-            await tox.set_enabled(f.target, False)
+            await tox.set_enabled(self._link(f), False)
         else:
             # Both directions of the link.
             for stream in ("downstream", "upstream"):
                 await tox.add_toxic(
-                    f.target, f.kind, name=f"f{f.id}_{stream}", stream=stream,
+                    self._link(f), f.kind, name=f"f{f.id}_{stream}", stream=stream,
                     attributes=f.params,
                 )  # fmt: skip
 
@@ -161,12 +196,17 @@ class FaultRunner:
             await self._retry(f, topo.heal_redis)
         elif f.kind == "store_outage":
             await self._retry(f, topo.heal_store)
+        elif f.kind == "search_outage":
+            if f.params.get("mode") == "pause":
+                topo.resume_search()
+            else:
+                await tox.set_enabled("search", True)
         elif f.kind == "partition":
-            await tox.set_enabled(f.target, True)
+            await tox.set_enabled(self._link(f), True)
         else:
             for stream in ("downstream", "upstream"):
                 with contextlib.suppress(Exception):
-                    await tox.remove_toxic(f.target, f"f{f.id}_{stream}")
+                    await tox.remove_toxic(self._link(f), f"f{f.id}_{stream}")
 
     async def _retry(self, f: Fault, start: Callable[[], Awaitable[None]]) -> None:
         """Start a process again until it stays up: a node exits at startup
@@ -195,7 +235,9 @@ class FaultRunner:
             self.history.record("fs", f=f.id, kind=f.kind, target=f.target, err=repr(exc)[:300])
         else:
             self.applied[f.kind] = self.applied.get(f.kind, 0) + 1
-            self.history.record("fs", f=f.id, kind=f.kind, target=f.target, params=f.params)
+            link = {"link": self._links[f.id]} if f.id in self._links else {}
+            self.history.record("fs", f=f.id, kind=f.kind, target=f.target, params=f.params,
+                                **link)  # fmt: skip
         try:
             await asyncio.sleep(f.duration)
         finally:

@@ -19,6 +19,7 @@ Every record has ``k`` (its kind) and ``t`` (seconds since the run started):
 | cl | a client gave up (reported to the application) | s, err |
 | fs / fe | a fault started / healed | f (fault id), kind, target, err |
 | fr | a process failed to start again (retried) | f, kind, target, attempt, err |
+| ix | what the search index returned at the end, per durable channel | c, ids |
 
 ``sr``: fo/fe is the position the client recovers from, rd the answer's
 ``recovered``, o/e its position, n how many publications it replayed, tq

@@ -3,16 +3,17 @@ by its PID:
 
     subscribers, publishers ──► HAProxy ──► Toxiproxy ──► squall serve ×3
                                         (proxy per node)     │
-                                                   Toxiproxy (proxy per node)
-                                                             │
-                                                           Redis        FerretDB
-                                                       (the broker)  (durable log)
+                                   ┌─────────────────────────┤ (asks the sentinels
+                                   ▼                         ▼  where the master is)
+                 Toxiproxy redis_a / redis_b         3 Redis sentinels
+                                   │
+                    Redis master ◄─┴─► Redis replica         FerretDB (durable log)
 
-Redis sits behind ``RedisBackend``: ``SingleRedis`` today; a Sentinel-managed
-set (``RedisSentinelSet`` in tests/services.py, being written) can replace it
-by implementing the same small interface (``start``, ``stop``, ``upstream``,
-``broker_url``, ``kill_master``, ``heal_master``), and the "kill Redis master"
-fault then becomes a failover instead of a restart on the same port.
+Redis sits behind ``RedisBackend``: ``SentinelRedis`` (the default: a master,
+a replica and three sentinels; "kill the Redis master" is a failover, and a
+fault on a server's link hits the nodes, the replication and the sentinels
+alike) or ``SingleRedis`` (``--redis single``: one server, each node behind
+its own proxy ``redis_n<i>``, so a node alone can be cut from Redis).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.services import (
     CACHE,
     FerretDB,
     HAProxy,
+    OpenSearchNode,
     RedisServer,
     SquallProcess,
     free_port,
@@ -56,12 +58,20 @@ REDIS_PERSISTENCE = {
 }
 
 
-def squall_config(volatile_history: int) -> str:
-    """The namespaces of the campaign (see reliability/chaos/README.md)."""
+def squall_config(volatile_history: int, search_url: str = "") -> str:
+    """The namespaces of the campaign (see reliability/chaos/README.md); with
+    ``search_url``, the durable one is searchable on that OpenSearch node."""
+    search = (
+        f'[search]\nurl = "{search_url}"\nengine = "opensearch"\nindex = "chaos"\n'
+        "timeout = 5.0\ninterval = 0.2\n"
+        if search_url
+        else ""
+    )
     return (
-        f"[namespaces.{DURABLE_NS}]\n"
+        search + f"[namespaces.{DURABLE_NS}]\n"
         "allow_publish = true\n"
         "persist = true\n"
+        f"searchable = {'true' if search_url else 'false'}\n"
         "history_size = 100\n"
         "history_ttl = 3600\n"
         f"[namespaces.{VOLATILE_NS}]\n"
@@ -80,6 +90,8 @@ def missing_services() -> list[tuple[str, str]]:
         missing.append(("haproxy", "apt-get install haproxy"))
     if not (CACHE / "squall-ferretdb").exists():
         missing.append(("FerretDB", "bash scripts/build-test-services.sh"))
+    if not (CACHE / "opensearch-classpath.txt").exists():
+        missing.append(("OpenSearch 2.19 (Java, Maven)", "bash scripts/build-test-services.sh"))
     if not toxiproxy_binary().exists():
         missing.append((f"Toxiproxy {TOXIPROXY_VERSION}", "bash scripts/build-toxiproxy.sh"))
     return missing
@@ -87,6 +99,18 @@ def missing_services() -> list[tuple[str, str]]:
 
 class RedisBackend(Protocol):
     """The broker's Redis, as the campaign sees it."""
+
+    # True: each node reaches Redis through its own proxy (``redis_n<i>``);
+    # False: each server has one proxy (``links``) everyone goes through.
+    per_node_links: bool
+
+    def links(self) -> dict[str, tuple[int, str]]:
+        """Proxies to create before ``start``: name -> (listen port, upstream)."""
+        ...
+
+    def link_of(self, role: str) -> str:
+        """The proxy in front of the current ``master`` or ``replica``."""
+        ...
 
     def start(self) -> None: ...
 
@@ -112,7 +136,16 @@ class RedisBackend(Protocol):
 
 class SingleRedis:
     """One redis-server; ``kill_master`` is kill -9, ``heal_master`` starts it
-    again on the same port and directory (its AOF, if any, is replayed)."""
+    again on the same port and directory (its AOF, if any, is replayed).
+    Each node reaches it through its own proxy (``redis_n<i>``)."""
+
+    per_node_links = True
+
+    def links(self) -> dict[str, tuple[int, str]]:
+        return {}
+
+    def link_of(self, role: str) -> str:
+        raise LookupError("one Redis: its links are the nodes' (redis_n<i>)")
 
     def __init__(self, persistence: str = "aof-always") -> None:
         if persistence not in REDIS_PERSISTENCE:
@@ -146,29 +179,43 @@ class SingleRedis:
 
 class SentinelRedis:
     """A Sentinel-managed master and replica (``RedisSentinelSet`` of
-    tests/services.py). ``kill_master`` is kill -9 of the current master;
-    ``heal_master`` waits for the sentinels to promote the replica, then
-    starts the old master again as a replica of the new one.
+    tests/services.py) with three sentinels, each server behind its own
+    Toxiproxy proxy (``redis_a``, ``redis_b``) that it announces: the
+    sentinels, replication and every node reach it through the proxy, so a
+    fault on a server's link is seen by all of them, as a real network fault
+    on that server would be (a partition of the master's link ends in a
+    failover). Nodes ask the sentinels (reached directly) where the master
+    is. ``kill_master`` is kill -9 of the current master; ``heal_master``
+    waits for the sentinels to promote the replica, then starts the old
+    master again as a replica of the new one."""
 
-    Nodes reach Redis through the sentinels, which hand out the servers' real
-    addresses: the node→Redis Toxiproxy proxies then carry nothing (link
-    faults on them only reach the sentinel connections' upstream, the first
-    sentinel, which the nodes do not use through the proxy). Experimental:
-    not yet run by the tests."""
+    per_node_links = False
 
     def __init__(self) -> None:
         from tests.services import RedisSentinelSet
 
-        self.set = RedisSentinelSet()
+        self._ports = {name: (free_port(), free_port()) for name in ("redis_a", "redis_b")}
+        self.set = RedisSentinelSet(fronts=dict(self._ports.values()))
         self._killed_port: int | None = None
+
+    def links(self) -> dict[str, tuple[int, str]]:
+        """Proxies to create before ``start``: name -> (listen port, upstream)."""
+        return {name: (front, f"127.0.0.1:{real}") for name, (real, front) in self._ports.items()}
+
+    def link_of(self, role: str) -> str:
+        """The proxy in front of the current ``master`` or ``replica``."""
+        self.set.sync_roles()
+        server = self.set.master if role == "master" else self.set.replica
+        for name, (real, _) in self._ports.items():
+            if real == server.port:
+                return name
+        raise LookupError(f"no proxy in front of the {role}")
 
     def start(self) -> None:
         self.set.start()
 
     def stop(self) -> None:
         self.set.stop()
-        self.set.master.stop()
-        self.set.replica.stop()
 
     def upstream(self) -> str:
         return f"127.0.0.1:{self.set.sentinel_ports[0]}"
@@ -177,6 +224,7 @@ class SentinelRedis:
         return self.set.url
 
     def kill_master(self) -> None:
+        self.set.sync_roles()
         self._killed_port = self.set.kill_master()
 
     def heal_master(self) -> None:
@@ -184,7 +232,7 @@ class SentinelRedis:
             return
         new_port = self.set.wait_for_new_master(self._killed_port)
         old = self.set.replica  # the killed one, after the swap
-        old.extra = (*old.extra, "--replicaof", "127.0.0.1", str(new_port))
+        self.set.replica_of(old, new_port)
         old.start(port=self._killed_port)
         self._killed_port = None
 
@@ -219,10 +267,14 @@ class Topology:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="squall-chaos-")))
     node_count: int = 3
     redis_persistence: str = "aof-always"
-    redis_kind: str = "single"  # or "sentinel" (experimental)
+    redis_kind: str = "sentinel"  # or "single"
     volatile_history: int = 16
     redis: RedisBackend | None = None
     ferret: FerretDB | None = None
+    # An OpenSearch node behind the Toxiproxy proxy "search" (None: no search).
+    search: bool = True
+    opensearch: OpenSearchNode | None = None
+    search_paused: bool = False
     toxiproxy_server: ToxiproxyServer | None = None
     toxiproxy: Toxiproxy | None = None
     nodes: list[Node] = field(default_factory=list)
@@ -255,22 +307,44 @@ class Topology:
                 self.redis = SentinelRedis()
             else:
                 self.redis = SingleRedis(self.redis_persistence)
-        await asyncio.to_thread(self.redis.start)
-        self.ferret = FerretDB()
-        await asyncio.to_thread(self.ferret.start)
         self.toxiproxy_server = ToxiproxyServer()
         await asyncio.to_thread(self.toxiproxy_server.start)
         self.toxiproxy = Toxiproxy(self.toxiproxy_server.url)
+        for link, (listen, upstream) in self.redis.links().items():
+            await self.toxiproxy.create_proxy(link, listen=f"127.0.0.1:{listen}",
+                                              upstream=upstream)  # fmt: skip
+        search_url = ""
+        opensearch_started = None
+        if self.search:
+            # A JVM takes a while: it starts while the rest does.
+            self.opensearch = OpenSearchNode()
+            opensearch_started = asyncio.ensure_future(asyncio.to_thread(self.opensearch.start))
+        try:
+            await asyncio.to_thread(self.redis.start)
+            self.ferret = FerretDB()
+            await asyncio.to_thread(self.ferret.start)
+        finally:
+            if opensearch_started is not None:
+                await opensearch_started
+        if self.opensearch is not None:
+            search_port = free_port()
+            await self.toxiproxy.create_proxy(
+                "search",
+                listen=f"127.0.0.1:{search_port}",
+                upstream=f"127.0.0.1:{self.opensearch.port}",
+            )
+            search_url = f"http://127.0.0.1:{search_port}"
         config = self.workdir / "squall.toml"
-        config.write_text(squall_config(self.volatile_history))
+        config.write_text(squall_config(self.volatile_history, search_url))
         for i in range(self.node_count):
             name = f"node{i}"
             node_port, redis_proxy_port, front_proxy_port = free_port(), free_port(), free_port()
-            await self.toxiproxy.create_proxy(
-                f"redis_n{i}",
-                listen=f"127.0.0.1:{redis_proxy_port}",
-                upstream=self.redis.upstream(),
-            )
+            if self.redis.per_node_links:
+                await self.toxiproxy.create_proxy(
+                    f"redis_n{i}",
+                    listen=f"127.0.0.1:{redis_proxy_port}",
+                    upstream=self.redis.upstream(),
+                )
             await self.toxiproxy.create_proxy(
                 f"front_n{i}",
                 listen=f"127.0.0.1:{front_proxy_port}",
@@ -308,6 +382,9 @@ class Topology:
             await asyncio.to_thread(self.toxiproxy_server.stop)
         if self.ferret is not None:
             await asyncio.to_thread(self.ferret.stop)
+        if self.opensearch is not None:
+            self.resume_search()
+            await asyncio.to_thread(self.opensearch.stop)
         if self.redis is not None:
             await asyncio.to_thread(self.redis.stop)
 
@@ -353,6 +430,20 @@ class Topology:
         assert self.ferret is not None
         if self.ferret.proc is None:
             await asyncio.to_thread(self.ferret.start)
+
+    def pause_search(self) -> None:
+        """SIGSTOP the OpenSearch JVM: it hangs, as an overloaded node does."""
+        proc = self.opensearch.proc if self.opensearch is not None else None
+        if proc is not None and not self.search_paused:
+            os.kill(proc.pid, signal.SIGSTOP)
+            self.search_paused = True
+
+    def resume_search(self) -> None:
+        proc = self.opensearch.proc if self.opensearch is not None else None
+        if proc is not None and self.search_paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        self.search_paused = False
 
     def alive(self) -> dict[str, bool]:
         """Which of our processes are running (for the report)."""

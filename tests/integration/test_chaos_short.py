@@ -1,8 +1,11 @@
 """A real, short chaos campaign (reliability/chaos): three `squall serve`
-nodes behind HAProxy on one Redis and a shared FerretDB log, Toxiproxy on
-every link, ~100 subscribers and four publishers, a fixed-seed schedule of
-faults of several kinds. The history checker must find no violation, and the
-faults must have been felt (clients disconnected and recovered)."""
+nodes behind HAProxy on a Sentinel-managed Redis (master, replica, three
+sentinels), a shared FerretDB log and an OpenSearch node, Toxiproxy on every
+link, ~100 subscribers and four publishers, a fixed-seed schedule of faults
+of several kinds, two Redis failovers among them. The history checker must
+find no violation, every acknowledged durable publication must be found by
+search, and the faults must have been felt (clients disconnected and
+recovered)."""
 
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from reliability.chaos.history import read_history
 from reliability.chaos.topology import DURABLE_NS, missing_services
 from tests.services import require
 
-# Seed 7 over 75 s: node pause and kill, store outage, Redis kill -9, latency,
-# a partition, reset_peer and a bandwidth limit, on nodes, links and Redis.
-SEED = 7
+# Seed 19 over 75 s, 14 faults of 9 kinds: the Redis master killed twice
+# (two failovers), latency on the master's link, a store outage, a search
+# node cut off, node kills and pauses, partitions, stalls and resets between
+# HAProxy and the nodes.
+SEED = 19
 
 
 @pytest.mark.timeout(420)
@@ -50,6 +55,13 @@ async def test_short_campaign_loses_nothing_silently(tmp_path: Path) -> None:
     assert stats["publish_acked"] >= 500, report
     assert stats["deliveries"] >= 100 * stats["publish_acked"] * 0.4, report
     assert outcome.extra["caught_up"], report
+    # Redis failed over, and search was read back after its outage.
+    assert outcome.extra["faults_applied"].get("redis_kill", 0) >= 2, report
+    assert outcome.extra["faults_applied"].get("search_outage", 0) >= 1, report
+    durable_acked = {r["i"] for r in read_history(outcome.history_path)
+                     if r["k"] == "pa" and r["c"].startswith(DURABLE_NS + ":")} & {
+        r["i"] for r in read_history(outcome.history_path) if r["k"] == "pk"}  # fmt: skip
+    assert stats["indexed_found"] == len(durable_acked) > 100, report
     assert outcome.json_path.exists() and outcome.history_path.exists()
 
     # The checker would have seen a loss in this very history: drop a few
@@ -62,3 +74,10 @@ async def test_short_campaign_loses_nothing_silently(tmp_path: Path) -> None:
     tampered = [r for i, r in enumerate(records) if i not in dropped]
     kinds = {v.kind for v in check(tampered, durable_namespaces=[DURABLE_NS]).violations}
     assert kinds == {"lost_durable"}
+    # ... and a publication missing from the search index.
+    unindexed = [dict(r) for r in records]
+    index_read = next(r for r in unindexed if r["k"] == "ix" and set(r["ids"]) & acked)
+    gone = sorted(set(index_read["ids"]) & acked)[0]
+    index_read["ids"] = [i for i in index_read["ids"] if i != gone]
+    kinds = {v.kind for v in check(unindexed, durable_namespaces=[DURABLE_NS]).violations}
+    assert kinds == {"not_indexed"}

@@ -180,3 +180,31 @@ def test_a_failed_resubscribe_then_skipped_offsets_is_a_silent_gap_with_a_hint()
     (violation,) = check(h.records, durable_namespaces=DURABLE).violations
     assert violation.kind == "silent_gap"
     assert "recovery the failed call carried was lost" in violation.hint
+
+
+def test_an_acknowledged_publication_the_search_never_returned_is_caught() -> None:
+    h = H().publish("a", "d:c0", 1).publish("b", "d:c0", 2).publish("c", "v:c0", 1)
+    # Only durable channels are read back; one publication is missing there.
+    h.add("ix", c="d:c0", ids=["a"])
+    result = check(h.records, durable_namespaces=DURABLE)
+    assert [v.kind for v in result.violations] == ["not_indexed"]
+    assert [e["id"] for e in result.violations[0].evidence] == ["b"]
+    assert result.stats["indexed_found"] == 1
+    h.records[-1]["ids"] = ["a", "b"]
+    assert check(h.records, durable_namespaces=DURABLE).ok
+
+
+def test_sentinel_link_faults_follow_the_servers_and_never_overlap_on_redis() -> None:
+    schedule = make_schedule(7, 600.0, redis="sentinel")
+    targets = {f.target for f in schedule}
+    assert targets & {"redis_master", "redis_replica"}
+    assert not any(t.startswith("redis_n") for t in targets)
+    assert "search" in targets
+    for f in schedule:
+        overlapping = [g for g in schedule if g is not f and g.start < f.start + f.duration
+                       and f.start < g.start + g.duration]  # fmt: skip
+        if f.component == "redis":
+            assert all(g.component != "redis" for g in overlapping)
+    single = make_schedule(7, 600.0, redis="single")
+    assert any(f.target.startswith("redis_n") for f in single)
+    assert not {f.target for f in single} & {"redis_master", "redis_replica"}
