@@ -295,7 +295,7 @@ class Client:
         if ws is None:
             raise ConnectionClosed(None, "not connected")
         try:
-            ws.write_message(orjson.dumps(obj).decode())
+            ws.write_message(orjson.dumps(obj).decode()).add_done_callback(_write_done)
         except (tornado.websocket.WebSocketClosedError, StreamClosedError, RuntimeError) as exc:
             if not _transport_error(exc):
                 raise
@@ -676,6 +676,14 @@ class ApiError(Exception):
         self.message = message
 
 
+def _write_done(fut: asyncio.Future[None]) -> None:
+    """A write that fails once under way (the connection closed while it was
+    flushed) is seen by the reader as the connection's end; its error is
+    taken here so that asyncio does not report it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class ApiClient:
     """The HTTP server API. Every method raises ``ApiError`` on an error reply."""
 
@@ -828,7 +836,7 @@ class ApiStream:
         try:
             self._ws.write_message(
                 orjson.dumps({"id": cmd_id, "method": method, "params": params or {}}).decode()
-            )
+            ).add_done_callback(_write_done)
         except tornado.websocket.WebSocketClosedError:
             self._waiters.pop(cmd_id, None)
             raise ConnectionClosed(self._ws.close_code, self._ws.close_reason) from None
