@@ -161,6 +161,10 @@ class Node:
         self._tasks = BackgroundTasks(log, "background step")
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._durable: dict[str, StreamPosition] = {}
+        # Log reads of recoveries in flight, shared by identical ones.
+        self._log_reads: dict[
+            tuple[str, str, int, int, int], asyncio.Future[list[Publication]]
+        ] = {}
         self._running = False
         self._closed = False
         # Transports that own sockets outside Tornado close them here.
@@ -534,6 +538,28 @@ class Node:
             raise errors.Unavailable(f"broker: {exc}") from None
         return last
 
+    async def _read_log_shared(
+        self, name: str, epoch: str, after: int, before: int, limit: int
+    ) -> list[Publication]:
+        """``store.read``, once for all the recoveries that ask the same at the
+        same time: after a node or a Redis server fails, every subscriber of
+        a durable channel comes back at once from about the same position."""
+        key = (name, epoch, after, before, limit)
+        fut = self._log_reads.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(
+                self.store.read(name, epoch, after=after, before=before, limit=limit)
+            )
+            self._log_reads[key] = fut
+
+            def done(f: asyncio.Future[list[Publication]]) -> None:
+                self._log_reads.pop(key, None)
+                if not f.cancelled():
+                    f.exception()  # taken: each waiter gets it from its await
+
+            fut.add_done_callback(done)
+        return await asyncio.shield(fut)
+
     async def recover(self, channel: Channel, offset: int, epoch: str) -> Recovery:
         """What a client that saw ``offset`` of ``epoch`` missed. ``recovered``
         is True only when every missed publication is returned, in order."""
@@ -565,8 +591,8 @@ class Node:
         complete = len(pubs) == missed and pubs[0].offset == offset + 1
         if not complete and channel.options.persist and missed <= limit:
             try:
-                pubs = await self.store.read(
-                    channel.name, epoch, after=offset, before=position.offset + 1, limit=missed
+                pubs = await self._read_log_shared(
+                    channel.name, epoch, offset, position.offset + 1, missed
                 )
             except StoreUnavailable as exc:
                 raise errors.Unavailable(f"store: {exc}") from None

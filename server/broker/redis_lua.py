@@ -175,14 +175,26 @@ return {offset, epoch}
 )
 
 # KEYS: meta, hist; ARGV: epoch, offset, meta_ttl_s
+# Seeds a durable channel's stream at its log's position. A durable stream's
+# history holds nothing its log does not (a publication reaches the stream
+# after the log took it), so a stale stream of the log's epoch (one a
+# promoted replica inherited) keeps its history up to that position:
+# clients that recover after a failover are answered from Redis, not all
+# from the log at once.
 SEED = (
     _COMMON
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 or stale(KEYS[1]) then
+  local same = redis.call('HGET', KEYS[1], 'e') == ARGV[1]
   redis.call('DEL', KEYS[1])
   set_meta(KEYS[1], ARGV[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('DEL', KEYS[2])
+  if same then
+    local past = redis.call('XRANGE', KEYS[2], (tonumber(ARGV[2]) + 1) .. '-1', '+')
+    for i = 1, #past do redis.call('XDEL', KEYS[2], past[i][1]) end
+  else
+    redis.call('DEL', KEYS[2])
+  end
 end
 return 1
 """

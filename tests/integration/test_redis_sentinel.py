@@ -469,6 +469,10 @@ async def test_a_durable_channel_keeps_its_epoch_and_offsets_across_a_failover(
                 break
             await asyncio.sleep(0.02)
         assert await master.hget(meta, "e") == epoch.encode()
+        # What the replica had of the log (offsets 1-3) stays in its history:
+        # recoveries after the failover are answered from Redis.
+        hist = f"{prefix}:{{{channel}}}:hist"
+        assert [e[0] for e in await master.xrange(hist)] == [b"1-1", b"2-1", b"3-1"]
     finally:
         await master.aclose()
     after = await publish_until_ok(api, channel, {"n": 5})
