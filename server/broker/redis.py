@@ -593,29 +593,39 @@ class _Shard:
         )
 
     async def watch_master(self) -> None:
-        """Ask the sentinels who the master is; when it changed, drop every
-        connection to the old one (a demoted master still answers reads, and
-        its pub/sub hears nothing new)."""
+        """Ask the sentinels who the master is (through the command pool,
+        which then closes its idle connections to any other server); when
+        it changed, or a connection is on another server (a failover and
+        its reversal between two polls), drop every connection to the old
+        one: a demoted master still answers reads, refuses writes, and its
+        streams lag the new master's."""
         if self.sentinel is None or self.sentinel_url is None:
             return
+        pool = self.client.connection_pool
         try:
-            master = await self.sentinel.discover_master(self.sentinel_url.master)
+            # The pool's own idea of the master follows: idle connections to
+            # another server close now, busy ones when released.
+            master = tuple(await pool.get_master_address())
         except _REDIS_ERRORS as exc:
             log.debug("redis %s: no master from the sentinels: %s", self.label, exc)
             return
-        if master == self.master:
+        astray = [
+            p
+            for p in self.pubsubs.values()
+            if (conn := getattr(p.pubsub, "connection", None)) is not None
+            and getattr(conn, "host", None) is not None
+            and (conn.host, conn.port) != master
+        ]
+        if master == self.master and not astray:
             return
-        was = f"{self.master[0]}:{self.master[1]}" if self.master else "unknown"
-        log.warning("redis %s: the master is now %s:%s (was %s)", self.label, *master, was)
-        self.master = master
-        pool = self.client.connection_pool
-        with contextlib.suppress(*_REDIS_ERRORS):
-            # The pool's own idea of the master: connections to another
-            # server close (idle ones now, busy ones when released).
-            await pool.get_master_address()
-        with contextlib.suppress(Exception):
-            await pool.disconnect(inuse_connections=False)
-        for pubsub in self.pubsubs.values():
+        if master != self.master:
+            was = f"{self.master[0]}:{self.master[1]}" if self.master else "unknown"
+            log.warning("redis %s: the master is now %s:%s (was %s)", self.label, *master, was)
+            self.master = master
+            with contextlib.suppress(Exception):
+                await pool.disconnect(inuse_connections=False)
+            astray = list(self.pubsubs.values())
+        for pubsub in astray:
             await pubsub.drop_connection()
 
     async def close(self) -> None:
@@ -761,12 +771,25 @@ class RedisBroker:
         self._tasks.spawn(coro)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` every ``interval`` seconds until the broker closes;
+        a failure is logged (a warning when it starts failing) and never
+        ends the loop: a node whose position checks stopped would stay deaf
+        to a channel whose pub/sub messages were lost."""
+        failing = False
         while self._ok:
             await asyncio.sleep(interval)
             try:
                 await step()
             except (BrokerUnavailable, *_REDIS_ERRORS) as exc:
-                log.debug("periodic step failed: %s", exc)
+                (log.debug if failing else log.warning)(
+                    "periodic %s failed: %s", getattr(step, "__name__", "step"), exc
+                )
+                failing = True
+            except Exception:
+                log.exception("periodic %s failed", getattr(step, "__name__", "step"))
+                failing = True
+            else:
+                failing = False
 
     # ---- keys and routing -----------------------------------------------
 
@@ -979,6 +1002,14 @@ class RedisBroker:
                             pending[c].set_exception(BrokerUnavailable(f"redis: {exc}"))
                     continue
                 for c, position in zip(chunk, positions, strict=True):
+                    if position is None:
+                        if c not in self._subscribed:
+                            self._last.pop(c, None)
+                        if not pending[c].done():
+                            pending[c].set_exception(
+                                BrokerUnavailable(f"the stream of {c} cannot be seeded now")
+                            )
+                        continue
                     self._subscribed.add(c)
                     # The baseline for gap checks, unless a message came first.
                     self._last.setdefault(c, position)
@@ -1020,15 +1051,23 @@ class RedisBroker:
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
 
-    async def _positions(self, shard: _Shard, channels: Sequence[str]) -> list[StreamPosition]:
+    async def _positions(
+        self, shard: _Shard, channels: Sequence[str]
+    ) -> list[StreamPosition | None]:
         """The positions of ``channels`` (on one shard) in one round trip;
-        durable streams found missing are seeded from the log first."""
+        durable streams found missing are seeded from the log first. None:
+        a durable stream that cannot be seeded now (its log is unreachable);
+        it fails alone, the others' positions are still read."""
         calls = [(self._keys(c), [self._epoch_for(c), DEFAULT_META_TTL]) for c in channels]
         replies = await self._run_many(shard, "position", calls)
-        out = []
+        out: list[StreamPosition | None] = []
         for channel, (offset, epoch) in zip(channels, replies, strict=True):
             if int(offset) < 0:
-                out.append(await self._read_position(channel))
+                try:
+                    out.append(await self._read_position(channel))
+                except BrokerUnavailable as exc:
+                    log.warning("cannot seed the stream of %s: %s", channel, exc)
+                    out.append(None)
                 continue
             out.append(
                 StreamPosition(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
@@ -1159,7 +1198,7 @@ class RedisBroker:
             positions = await self._positions(self._shard(chunk[0]), chunk)
             for channel, top in zip(chunk, positions, strict=True):
                 last = self._last.get(channel)
-                if last is None or channel in self._held:
+                if top is None or last is None or channel in self._held:
                     continue
                 target = top
                 if periodic:
@@ -1177,9 +1216,15 @@ class RedisBroker:
                     self.spawn(self._fill(channel, target=target))
 
     async def _check_positions(self) -> None:
+        failed: Exception | None = None
         for shard in self.shards:
             for pubsub in shard.pubsubs.values():
-                await self.resync(pubsub, periodic=True)
+                try:
+                    await self.resync(pubsub, periodic=True)
+                except (BrokerUnavailable, *_REDIS_ERRORS) as exc:
+                    failed = exc  # the other shards are still checked
+        if failed is not None:
+            raise failed
 
     # ---- presence -------------------------------------------------------
 

@@ -361,3 +361,53 @@ async def test_a_publication_arriving_while_a_subscription_is_set_up_is_delivere
     finally:
         await receiver.close()
         await publisher.close()
+
+
+class _Log:
+    """A node's durable log as the broker sees it (``DurableLog``), that
+    can be made unreachable."""
+
+    def __init__(self, durable: set[str]) -> None:
+        self.durable_channels = durable
+        self.down = False
+
+    def durable(self, channel: str) -> bool:
+        return channel in self.durable_channels
+
+    async def last_position(self, channel: str) -> Any:
+        if self.down:
+            raise redis_broker.BrokerUnavailable("the log is down (test)")
+        return None
+
+
+async def test_a_durable_stream_that_cannot_be_seeded_does_not_stop_the_position_check(
+    redis_server: Any, prefix: str, handler: GapHandler
+) -> None:
+    # After a failover every stream is stale at once; while the durable log
+    # is unreachable the durable ones cannot be seeded. The periodic check
+    # must still find what the other channels lost.
+    b = RedisBroker(redis_server.url, prefix=prefix, position_check_interval=0.2)
+    log = _Log({"logged:d"})
+    b.use_log(log)
+    await b.start(handler)
+    try:
+        await b.subscribe("logged:d")
+        await b.subscribe("live")
+        await b.publish("live", b"1", info=None, history=KEEP)
+        await eventually(lambda: [p.data for p in handler.pubs if p.channel == "live"] == [b"1"])
+        # The durable stream vanishes (a stale stream after a failover reads
+        # the same) while its log is down.
+        r = aioredis.Redis(port=redis_server.port)
+        try:
+            await r.delete(*b._keys("logged:d"))
+        finally:
+            await r.aclose()
+        log.down = True
+        await lose(b, "live", b"2")
+        await eventually(
+            lambda: [p.data for p in handler.pubs if p.channel == "live"] == [b"1", b"2"]
+        )
+        with pytest.raises(redis_broker.BrokerUnavailable):
+            await b.position("logged:d")
+    finally:
+        await b.close()
