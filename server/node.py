@@ -574,14 +574,21 @@ class Node:
         if channel.options.persist and epoch == position.epoch and offset > position.offset:
             # The client holds more than the broker's stream: the stream
             # lags the log (a Redis server that had not seen the last
-            # publications answered). The log decides; hand the broker what
-            # it lacks, and read again.
-            position = await self._catch_up_with_log(channel, position, offset)
-            try:
-                result = await self.broker.history(channel.name, after=offset, limit=limit + 1)
-            except BrokerUnavailable as exc:
-                raise errors.Unavailable(f"broker: {exc}") from None
-            position = result.position
+            # publications answered). The log decides: the broker is handed
+            # what it lacks, and the client is answered from the log.
+            logged = await self._catch_up_with_log(channel, position, offset)
+            if logged.epoch == epoch and logged.offset >= offset:
+                missed = logged.offset - offset
+                if missed > limit:
+                    return Recovery([], logged, False)
+                try:
+                    pubs = await self._read_log_shared(
+                        channel.name, epoch, offset, logged.offset + 1, missed
+                    )
+                except StoreUnavailable as exc:
+                    raise errors.Unavailable(f"store: {exc}") from None
+                complete = len(pubs) == missed and (not pubs or pubs[0].offset == offset + 1)
+                return Recovery(pubs, logged, complete)
         if epoch != position.epoch or offset > position.offset:
             return Recovery([], position, False)
         missed = position.offset - offset

@@ -75,3 +75,29 @@ async def test_a_durable_publish_onto_a_lagging_stream_goes_on_from_the_log(
         (1, 0), (2, 1), (3, 2), (4, 3),
     ]  # fmt: skip
     assert history["epoch"] == epoch
+
+
+async def test_the_log_answers_even_when_the_stream_stays_behind(
+    make_server: ServerFactory, redis_server: Any, prefix: str, monkeypatch: Any
+) -> None:
+    # Around a failover the repair may land on another server than the one
+    # that answers reads (a master the sentinels are demoting): the stream
+    # the node reads stays behind. The client is answered from the log.
+    server = await make_server(config(redis_server, prefix))
+    api = server.api()
+    acks = [await api.publish("logged:c", {"n": n}) for n in range(5)]
+    epoch = acks[0]["epoch"]
+    await rewind(redis_server, prefix, "logged:c", 2)
+
+    async def lost_repair(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(server.node, "_repair", lost_repair)
+    raw = await server.connected()
+    reply = await raw.call(
+        "subscribe", {"channel": "logged:c", "recover": True, "offset": 3, "epoch": epoch}
+    )
+    result = reply["result"]
+    assert result["recovered"] is True
+    assert (result["epoch"], result["offset"]) == (epoch, 5)
+    assert [p["data"]["n"] for p in result.get("publications", [])] == [3, 4]
