@@ -112,10 +112,6 @@ class RedisBackend(Protocol):
         """The proxy in front of the current ``master`` or ``replica``."""
         ...
 
-    def node_env(self) -> dict[str, str]:
-        """Broker settings of every node for this Redis."""
-        ...
-
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -150,9 +146,6 @@ class SingleRedis:
 
     def link_of(self, role: str) -> str:
         raise LookupError("one Redis: its links are the nodes' (redis_n<i>)")
-
-    def node_env(self) -> dict[str, str]:
-        return {}
 
     def __init__(self, persistence: str = "aof-always") -> None:
         if persistence not in REDIS_PERSISTENCE:
@@ -217,16 +210,6 @@ class SentinelRedis:
             if real == server.port:
                 return name
         raise LookupError(f"no proxy in front of the {role}")
-
-    def node_env(self) -> dict[str, str]:
-        # Replication is asynchronous: a publish the master acknowledged and
-        # did not yet pass on is lost when the replica takes over, and an old
-        # master cut off from the sentinels takes writes until it is demoted
-        # (docs/operations.md, Redis Sentinel). An operator who promises
-        # that nothing is lost silently waits for the replica: a publish it
-        # did not confirm answers 503 "may still be delivered, or lost".
-        return {"SQUALL_BROKER_MIN_REPLICAS_ACK": "1",
-                "SQUALL_BROKER_REPLICAS_ACK_TIMEOUT_MS": "250"}  # fmt: skip
 
     def start(self) -> None:
         self.set.start()
@@ -369,7 +352,6 @@ class Topology:
             )
             env = {
                 "SQUALL_BROKER_URL": self.redis.broker_url(redis_proxy_port),
-                **self.redis.node_env(),
                 "SQUALL_STORE_URL": self.ferret.url + "squall_chaos",
                 "SQUALL_API_KEY": API_KEY,
                 "SQUALL_TOKEN_SECRET": SECRET,
