@@ -38,8 +38,6 @@ def run_target(
 ) -> Run:
     """One target under one engine."""
     if engine_name == "atheris":
-        if target == "http":
-            raise ValueError("atheris does not drive the HTTP target")
         return engine.run_atheris(
             target,
             examples=examples,
@@ -264,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     for target in targets:
         for engine_name in engines:
-            if engine_name == "atheris" and target == "http":
-                continue
             engine._stderr(f"== {target} / {engine_name}")
             runs.append(
                 run_target(

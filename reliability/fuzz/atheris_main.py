@@ -1,16 +1,26 @@
-"""The coverage-guided engine: atheris (libFuzzer) on the frame parser and the
-protocol decoders, one target per process (libFuzzer ends the process).
+"""The coverage-guided engine: atheris (libFuzzer) on the frame parser, the
+protocol decoders and the HTTP API, one target per process (libFuzzer ends
+the process).
 
     python -m reliability.fuzz.atheris_main <target> <corpus dir> [libFuzzer flags]
 
 The target modules are instrumented for coverage feedback; the properties
-are the hypothesis engine's (``frames.check``, ``decoders.check``): an
-exception or an assertion is a crash, written by libFuzzer as
-``crash-<sha1>`` under ``-artifact_prefix``.
+are the hypothesis engine's (``frames.check``, ``decoders.check``,
+``http.verdict``): an exception or an assertion is a crash, written by
+libFuzzer as ``crash-<sha1>`` under ``-artifact_prefix``.
+
+``http`` runs the real server in this process (``http_atheris.py``); its
+node's data directory is ``http-data`` next to the corpus.
+
+``FUZZ_ATHERIS_SETUP=<module>:<function>`` calls that function before the
+fuzzing starts (the tests plant a bug with it).
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +33,29 @@ INSTRUMENTED = [
     "server.codecs",
     "server.pusher",
 ]
-ATHERIS_TARGETS = ("frames", "squall", "centrifuge-json", "centrifuge-protobuf", "pusher")
+# The HTTP target's: what its requests reach in handlers/ and server/.
+HTTP_INSTRUMENTED = [
+    "handlers.api",
+    "handlers.api_keepalive",
+    "handlers.pusher_api",
+    "handlers.base",
+    "handlers.status",
+    "server.pusher",
+    "server.openapi",
+    "server.protocol",
+    "server.channels",
+]
+ATHERIS_TARGETS = ("frames", "squall", "centrifuge-json", "centrifuge-protobuf", "pusher", "http")
 
 
 def seeds(target: str) -> list[bytes]:
     """A few valid inputs to start from (the fuzzer mutates them)."""
     from reliability.fuzz import decoders, frames
+
+    if target == "http":
+        from reliability.fuzz import http_atheris
+
+        return http_atheris.seeds()
 
     if target == "frames":
         specs = [
@@ -77,10 +104,16 @@ def seeds(target: str) -> list[bytes]:
     }[target]
 
 
-def one_input(target: str) -> Callable[[bytes], None]:
-    """The function libFuzzer calls with each input."""
+def one_input(target: str, data_dir: Path | None = None) -> Callable[[bytes], None]:
+    """The function libFuzzer calls with each input. For ``http`` it is an
+    ``HttpFuzzer``: its server starts on the first input (in ``data_dir``, or
+    a temporary directory) and runs until its ``close()``."""
     from reliability.fuzz import decoders, frames
 
+    if target == "http":
+        from reliability.fuzz.http_atheris import HttpFuzzer
+
+        return HttpFuzzer(data_dir)
     if target == "frames":
         return lambda data: frames.check(frames.from_bytes(data))
     return lambda data: decoders.check(target, data)
@@ -89,22 +122,47 @@ def one_input(target: str) -> Callable[[bytes], None]:
 def main(argv: list[str]) -> None:
     import atheris  # type: ignore[import-untyped]
 
+    from reliability.fuzz.http_atheris import HttpFuzzer
+
     target, corpus = argv[1], Path(argv[2])
     if target not in ATHERIS_TARGETS:
         raise SystemExit(f"unknown target {target!r}; one of {', '.join(ATHERIS_TARGETS)}")
     # Instrumented first: the seeds and the checks import these modules too.
-    with atheris.instrument_imports(include=INSTRUMENTED):
-        import server.codec
-        import server.codecs.centrifuge
-        import server.codecs.pusher
-        import server.protocol
-        import server.pusher
-        import server.wsframe  # noqa: F401
+    if target == "http":
+        with atheris.instrument_imports(include=HTTP_INSTRUMENTED):
+            import handlers.api
+            import handlers.api_keepalive
+            import handlers.base
+            import handlers.pusher_api
+            import handlers.status  # noqa: F401
+            import server.app
+            import server.channels
+            import server.openapi
+            import server.protocol
+            import server.pusher
+    else:
+        with atheris.instrument_imports(include=INSTRUMENTED):
+            import server.codec
+            import server.codecs.centrifuge
+            import server.codecs.pusher
+            import server.protocol
+            import server.pusher
+            import server.wsframe  # noqa: F401
+    setup = os.environ.get("FUZZ_ATHERIS_SETUP")
+    if setup:
+        module, _, function = setup.partition(":")
+        getattr(importlib.import_module(module), function)()
     corpus.mkdir(parents=True, exist_ok=True)
     if not any(corpus.iterdir()):
         for i, seed in enumerate(seeds(target)):
             (corpus / f"seed-{i}").write_bytes(seed)
-    test = one_input(target)
+    test = one_input(target, corpus.parent / f"{target}-data")
+    if isinstance(test, HttpFuzzer):
+        test.start()  # the server, before libFuzzer's first input
+        # What the server and the imports made lives as long as the process:
+        # out of the collector's way (a few per cent of the time).
+        gc.collect()
+        gc.freeze()
     atheris.Setup([argv[0], *argv[3:], str(corpus)], test)
     atheris.Fuzz()
 

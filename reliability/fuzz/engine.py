@@ -35,7 +35,12 @@ MODULES: dict[str, list[str]] = {
     "centrifuge-json": ["server/codecs/centrifuge.py"],
     "centrifuge-protobuf": ["server/codecs/centrifuge.py"],
     "pusher": ["server/codecs/pusher.py", "server/pusher.py"],
-    "http": ["handlers/api.py", "handlers/pusher_api.py", "server/pusher.py"],
+    "http": [
+        "handlers/api.py",
+        "handlers/api_keepalive.py",
+        "handlers/pusher_api.py",
+        "server/pusher.py",
+    ],
 }
 
 # How long one input may take (the "no hang" property), seconds.
@@ -439,8 +444,19 @@ def run_atheris(
         run.seconds = time.monotonic() - start
         run.examples = done
         run.stopped_by = "examples" if done >= examples else "time"
+        # Replays (crashes, then the corpus under coverage) share one checker:
+        # for ``http`` one server, started on first use with the recorder
+        # ACTIVE so that its thread records too, and stopped at the end.
+        global ACTIVE
+        recorder = new_recorder(target) if coverage else None
+        ACTIVE = recorder
+        check = _checker(target)
+        stack.callback(_close_checker, check)
+        start_server = getattr(check, "start", None)
+        if start_server is not None and recorder is not None:
+            start_server()  # now, so that what its start runs is cleared below
         for path in sorted(artifacts.iterdir()):
-            run.crashes.append(_replay_crash(target, path, rc, log))
+            run.crashes.append(_replay_crash(target, path, rc, log, check))
         if hwm > rss_limit_mb:
             run.crashes.append(
                 Crash(target, "atheris", "memory", f"peak RSS {hwm:.0f} MB > {rss_limit_mb} MB",
@@ -451,9 +467,8 @@ def run_atheris(
                 Crash(target, "atheris", f"exit {rc}", "\n".join(log[-20:]), "?", "", "")
             )
         run.notes.append(f"corpus: {sum(1 for _ in corpus.iterdir())} inputs")
-        if coverage:
-            recorder = new_recorder(target)
-            check = _checker(target)
+        if recorder is not None:
+            recorder.clear()  # what ran before (a server's start, crashes) is no corpus input's
             for path in sorted(corpus.iterdir()):
                 data = path.read_bytes()
                 recorder.install()
@@ -481,25 +496,42 @@ def _vm_hwm_mb(pid: int) -> float:
 
 
 def _checker(target: str) -> Callable[[bytes], None]:
+    """The atheris child's check of one input, in this process. For ``http``
+    it holds a server, started on its first input (its thread installs the
+    recorder ``ACTIVE`` at that time) and stopped by ``_close_checker``."""
     from reliability.fuzz.atheris_main import one_input
 
     return one_input(target)
 
 
-def _replay_crash(target: str, path: Path, rc: int, log: list[str]) -> Crash:
+def _close_checker(check: Callable[[bytes], None]) -> None:
+    global ACTIVE
+    ACTIVE = None
+    close = getattr(check, "close", None)
+    if close is not None:
+        close()
+
+
+def _replay_crash(
+    target: str,
+    path: Path,
+    rc: int,
+    log: list[str],
+    check: Callable[[bytes], None] | None = None,
+) -> Crash:
     data = path.read_bytes()
     kind = path.name.split("-")[0]  # crash, timeout, oom, leak
     example = data[:2000].hex()
     digest = hashlib.sha256(data).hexdigest()[:12]
     try:
-        _checker(target)(data)
+        (check or _checker(target))(data)
     except Exception as exc:
         return Crash(
             target,
             "atheris",
             type(exc).__name__,
             str(exc)[:2000],
-            _where(exc),
+            _signature(exc),
             f"input {digest} (hex): {example}",
             "".join(traceback.format_exception(exc))[-6000:],
         )

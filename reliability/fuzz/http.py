@@ -106,7 +106,7 @@ def _raised_at(exc: BaseException) -> str:
 
 class InProcessServer:
     """A Squall node and its HTTP server on 127.0.0.1, in a thread with its
-    own event loop."""
+    own event loop, wired as production wires them (``server.app.http_server``)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -159,10 +159,9 @@ class InProcessServer:
             loop.close()
 
     async def _serve(self) -> None:
-        import tornado.httpserver
         import tornado.netutil
 
-        from server.app import make_app, max_body_size
+        from server.app import http_server, make_app
         from server.config import load_settings
         from server.node import Node
 
@@ -171,7 +170,9 @@ class InProcessServer:
             raw = {**CONFIG, "server": {"data_dir": str(self.data_dir)}}
             node = Node(load_settings(raw=raw, env={}))
             await node.start()
-            http = tornado.httpserver.HTTPServer(make_app(node), max_body_size=max_body_size(node))
+            # Production's wiring: the body limit, and keep-alive API
+            # connections handed to handlers/api_keepalive.py.
+            http = http_server(node, make_app(node))
             (sock,) = tornado.netutil.bind_sockets(0, "127.0.0.1")
             self.port = sock.getsockname()[1]
             http.add_sockets([sock])
@@ -271,14 +272,24 @@ class HttpTarget:
         status = status_of(answer)
         if status is not None:
             self.statuses[status] = self.statuses.get(status, 0) + 1
-        logged = self.server.errors.records[errors_before:]
-        if logged:
-            where, text = logged[0]
-            raise ServerFault(f"{case.label}: answered {status}; the server logged {text}", where)
-        if case.complete and status is None:
-            raise ServerFault(f"{case.label}: no answer to a well-formed request", "no answer")
-        if status is not None and status >= 500:
-            raise ServerFault(f"{case.label}: answered {status}: {answer[:600]!r}", str(status))
+        verdict(
+            case.label, case.complete, status, answer, self.server.errors.records[errors_before:]
+        )
+
+
+def verdict(
+    label: str, complete: bool, status: int | None, answer: bytes, logged: list[tuple[str, str]]
+) -> None:
+    """The properties of one exchange (both engines): no ERROR logged by the
+    server while it ran, a well-formed request answered, no answer >= 500.
+    Raises ``ServerFault``."""
+    if logged:
+        where, text = logged[0]
+        raise ServerFault(f"{label}: answered {status}; the server logged {text}", where)
+    if complete and status is None:
+        raise ServerFault(f"{label}: no answer to a well-formed request", "no answer")
+    if status is not None and status >= 500:
+        raise ServerFault(f"{label}: answered {status}: {answer[:600]!r}", str(status))
 
 
 # ---- strategies ----------------------------------------------------------------
