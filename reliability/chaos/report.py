@@ -11,6 +11,7 @@ import orjson
 from .checker import CheckResult
 
 MAX_MD_VIOLATIONS = 50
+MAX_JSON_VIOLATIONS = 200
 
 
 def write_report(
@@ -27,10 +28,16 @@ def write_report(
         "warnings": [v.as_dict() for v in result.warnings],
         **extra,
     }
-    json_path = base.with_suffix(".json")
-    json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     md_path = base.with_suffix(".md")
     md_path.write_text(markdown(data))
+    # Thousands of violations (a whole cluster gone deaf) would make a
+    # report of many megabytes: the JSON keeps the first ones, the history
+    # has every record (``--check`` finds them all again).
+    if len(data["violations"]) > MAX_JSON_VIOLATIONS:
+        data["violations_total"] = len(data["violations"])
+        data["violations"] = data["violations"][:MAX_JSON_VIOLATIONS]
+    json_path = base.with_suffix(".json")
+    json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return json_path, md_path
 
 
@@ -91,7 +98,10 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [orjson.dumps(e).decode()[:1500] for e in v["evidence"]]
         lines += ["```", ""]
     if len(data["violations"]) > MAX_MD_VIOLATIONS:
-        lines.append(f"... and {len(data['violations']) - MAX_MD_VIOLATIONS} more in the JSON.")
+        more = len(data["violations"]) - MAX_MD_VIOLATIONS
+        lines.append(
+            f"... and {more} more in the JSON (its first {MAX_JSON_VIOLATIONS}) and the history."
+        )
     if data["warnings"]:
         lines += ["", "## Warnings", ""]
         for w in data["warnings"][:MAX_MD_VIOLATIONS]:
