@@ -560,6 +560,18 @@ class Node:
             fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
+    async def _from_log(
+        self, channel: Channel, epoch: str, after: int, upto: int
+    ) -> tuple[list[Publication], bool]:
+        """The log's publications of ``epoch`` past ``after`` up to ``upto``,
+        and whether they are all there, in order."""
+        missed = upto - after
+        try:
+            pubs = await self._read_log_shared(channel.name, epoch, after, upto + 1, missed)
+        except StoreUnavailable as exc:
+            raise errors.Unavailable(f"store: {exc}") from None
+        return pubs, len(pubs) == missed and (not pubs or pubs[0].offset == after + 1)
+
     async def recover(self, channel: Channel, offset: int, epoch: str) -> Recovery:
         """What a client that saw ``offset`` of ``epoch`` missed. ``recovered``
         is True only when every missed publication is returned, in order."""
@@ -578,16 +590,9 @@ class Node:
             # what it lacks, and the client is answered from the log.
             logged = await self._catch_up_with_log(channel, position, offset)
             if logged.epoch == epoch and logged.offset >= offset:
-                missed = logged.offset - offset
-                if missed > limit:
+                if logged.offset - offset > limit:
                     return Recovery([], logged, False)
-                try:
-                    pubs = await self._read_log_shared(
-                        channel.name, epoch, offset, logged.offset + 1, missed
-                    )
-                except StoreUnavailable as exc:
-                    raise errors.Unavailable(f"store: {exc}") from None
-                complete = len(pubs) == missed and (not pubs or pubs[0].offset == offset + 1)
+                pubs, complete = await self._from_log(channel, epoch, offset, logged.offset)
                 return Recovery(pubs, logged, complete)
         if epoch != position.epoch or offset > position.offset:
             return Recovery([], position, False)
@@ -597,13 +602,7 @@ class Node:
         pubs = [p for p in result.publications if p.offset <= position.offset]
         complete = len(pubs) == missed and pubs[0].offset == offset + 1
         if not complete and channel.options.persist and missed <= limit:
-            try:
-                pubs = await self._read_log_shared(
-                    channel.name, epoch, offset, position.offset + 1, missed
-                )
-            except StoreUnavailable as exc:
-                raise errors.Unavailable(f"store: {exc}") from None
-            complete = len(pubs) == missed and (not pubs or pubs[0].offset == offset + 1)
+            pubs, complete = await self._from_log(channel, epoch, offset, position.offset)
         if missed > limit:
             return Recovery([], position, False)
         return Recovery(pubs, position, complete)

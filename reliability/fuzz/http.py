@@ -403,6 +403,20 @@ def squall_api(draw: st.DrawFn) -> HttpCase:
     return HttpCase(request(verb, target, headers, body), True, f"{verb} {target[:80]}")
 
 
+def pusher_endpoint(kind: str, app_id: str, name: str) -> tuple[str, str] | None:
+    """The verb and path of a Pusher HTTP API endpoint (``name``: a quoted
+    channel or user name); None for a kind that is none of them."""
+    return {
+        "events": ("POST", f"/apps/{app_id}/events"),
+        "batch": ("POST", f"/apps/{app_id}/batch_events"),
+        "channels": ("GET", f"/apps/{app_id}/channels"),
+        "channel": ("GET", f"/apps/{app_id}/channels/{name}"),
+        "users": ("GET", f"/apps/{app_id}/channels/{name}/users"),
+        "terminate": ("POST", f"/apps/{app_id}/users/{name}/terminate_connections"),
+        "terminate-key": ("POST", f"/users/{name}/terminate_connections"),
+    }.get(kind)
+
+
 def _sign(method: str, path: str, params: dict[str, str]) -> str:
     from server.pusher import sign, string_to_sign
 
@@ -444,25 +458,16 @@ def pusher_api(draw: st.DrawFn) -> HttpCase:
         )
     )
     name = _quote(draw(pusher_channels))
-    verb, body = "GET", b""
+    body = b""
+    known = pusher_endpoint(kind, app_id, name)
+    if known is None:
+        verb, path = draw(st.sampled_from(["GET", "POST", "PUT"])), f"/apps/{app_id}/{name}"
+    else:
+        verb, path = known
     if kind == "events":
-        verb, path = "POST", f"/apps/{app_id}/events"
         body = dumps(draw(st.one_of(event, hostile)))
     elif kind == "batch":
-        verb, path = "POST", f"/apps/{app_id}/batch_events"
         body = dumps(draw(with_extra({}, {"batch": st.lists(maybe(event), max_size=11)})))
-    elif kind == "channels":
-        path = f"/apps/{app_id}/channels"
-    elif kind == "channel":
-        path = f"/apps/{app_id}/channels/{name}"
-    elif kind == "users":
-        path = f"/apps/{app_id}/channels/{name}/users"
-    elif kind == "terminate":
-        verb, path = "POST", f"/apps/{app_id}/users/{name}/terminate_connections"
-    elif kind == "terminate-key":
-        verb, path = "POST", f"/users/{name}/terminate_connections"
-    else:
-        verb, path = draw(st.sampled_from(["GET", "POST", "PUT"])), f"/apps/{app_id}/{name}"
     if draw(st.integers(0, 5)) == 0:
         verb = draw(st.sampled_from(["GET", "POST", "DELETE", "PATCH"]))
     import hashlib

@@ -263,23 +263,11 @@ def _pusher(
     app_id = APP_IDS[(what >> 3) & 3]
     name_text, _, extra_query = text.partition("?")
     name = _quote(name_text)
-    verb = "GET"
-    if endpoint == "events":
-        verb, path = "POST", f"/apps/{app_id}/events"
-    elif endpoint == "batch":
-        verb, path = "POST", f"/apps/{app_id}/batch_events"
-    elif endpoint == "channels":
-        path = f"/apps/{app_id}/channels"
-    elif endpoint == "channel":
-        path = f"/apps/{app_id}/channels/{name}"
-    elif endpoint == "users":
-        path = f"/apps/{app_id}/channels/{name}/users"
-    elif endpoint == "terminate":
-        verb, path = "POST", f"/apps/{app_id}/users/{name}/terminate_connections"
-    elif endpoint == "terminate-key":
-        verb, path = "POST", f"/users/{name}/terminate_connections"
-    else:
+    known = http.pusher_endpoint(endpoint, app_id, name)
+    if known is None:
         verb, path = ("GET", "POST")[what >> 7], f"/apps/{app_id}/{name}"
+    else:
+        verb, path = known
     verb = PUSHER_VERBS[choice >> 4] or verb
     if verb == "GET":
         body = b""
