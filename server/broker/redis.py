@@ -80,6 +80,8 @@ CLUSTER_POOL_SIZE = 1024
 PIPELINE_MAX = 512
 # Tries to seed a durable stream that vanishes again at once (failovers).
 SEED_ATTEMPTS = 3
+# Seconds between warnings while a periodic step keeps failing.
+STILL_FAILING_LOG = 30.0
 # A publication Redis has had this long and a node has not seen is lost; a
 # younger one may still be on its way over pub/sub (seconds).
 IN_FLIGHT_GRACE = 1.0
@@ -775,21 +777,29 @@ class RedisBroker:
         a failure is logged (a warning when it starts failing) and never
         ends the loop: a node whose position checks stopped would stay deaf
         to a channel whose pub/sub messages were lost."""
-        failing = False
+        name = getattr(step, "__name__", "step")
+        failures = 0
+        told = 0.0  # when a failure was last logged as a warning
+        loop = asyncio.get_running_loop()
         while self._ok:
             await asyncio.sleep(interval)
             try:
                 await step()
             except (BrokerUnavailable, *_REDIS_ERRORS) as exc:
-                (log.debug if failing else log.warning)(
-                    "periodic %s failed: %s", getattr(step, "__name__", "step"), exc
-                )
-                failing = True
+                failures += 1
+                # The first failure, then one line every STILL_FAILING_LOG
+                # seconds while it goes on (a check that never succeeds is
+                # a node that may stay deaf).
+                if failures == 1 or loop.time() - told >= STILL_FAILING_LOG:
+                    told = loop.time()
+                    log.warning("periodic %s failed (%d in a row): %s", name, failures, exc)
             except Exception:
-                log.exception("periodic %s failed", getattr(step, "__name__", "step"))
-                failing = True
+                failures += 1
+                log.exception("periodic %s failed", name)
             else:
-                failing = False
+                if failures > 1:
+                    log.info("periodic %s works again after %d failures", name, failures)
+                failures = 0
 
     # ---- keys and routing -----------------------------------------------
 
