@@ -317,11 +317,18 @@ class Node:
     # ---- subscriptions --------------------------------------------------
 
     async def subscribe_session(self, session: Session, channel: Channel) -> None:
-        if self.hub.add(channel.name, session):
-            try:
-                await self.broker.subscribe(channel.name)
-            except BrokerUnavailable as exc:
-                raise errors.Unavailable(f"broker: {exc}") from None
+        # Every subscriber makes sure of the broker's subscription, not only
+        # the node's first: when the first one's fails (Redis failing over)
+        # while a second joined meanwhile, the second would otherwise stay
+        # subscribed in the hub with no upstream, the node deaf to the
+        # channel for as long as anyone is subscribed here. (Subscribing
+        # the broker again costs a set lookup, or waits for the batch on
+        # its way and fails with it.)
+        self.hub.add(channel.name, session)
+        try:
+            await self.broker.subscribe(channel.name)
+        except BrokerUnavailable as exc:
+            raise errors.Unavailable(f"broker: {exc}") from None
 
     async def unsubscribe_session(self, session: Session, channel: Channel) -> None:
         self.drop_subscription(session, channel.name)
