@@ -403,6 +403,20 @@ def squall_api(draw: st.DrawFn) -> HttpCase:
     return HttpCase(request(verb, target, headers, body), True, f"{verb} {target[:80]}")
 
 
+# The Pusher HTTP API's endpoints (``pusher_endpoint``), and "other": a path
+# under the app that is none of them.
+PUSHER_KINDS = (
+    "events",
+    "batch",
+    "channels",
+    "channel",
+    "users",
+    "terminate",
+    "terminate-key",
+    "other",
+)
+
+
 def pusher_endpoint(kind: str, app_id: str, name: str) -> tuple[str, str] | None:
     """The verb and path of a Pusher HTTP API endpoint (``name``: a quoted
     channel or user name); None for a kind that is none of them."""
@@ -443,20 +457,7 @@ def pusher_api(draw: st.DrawFn) -> HttpCase:
         },
     )
     app_id = draw(st.sampled_from([APP_ID, APP_ID, APP_ID, "9", "a%2Fb"]))
-    kind = draw(
-        st.sampled_from(
-            [
-                "events",
-                "batch",
-                "channels",
-                "channel",
-                "users",
-                "terminate",
-                "terminate-key",
-                "other",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(PUSHER_KINDS))
     name = _quote(draw(pusher_channels))
     body = b""
     known = pusher_endpoint(kind, app_id, name)

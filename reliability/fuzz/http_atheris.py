@@ -80,16 +80,7 @@ GET_PATHS = (
     "/{text}",
 )
 GET_VERBS = ("GET",) * 13 + ("HEAD", "OPTIONS", "DELETE")
-PUSHER_ENDPOINTS = (
-    "events",
-    "batch",
-    "channels",
-    "channel",
-    "users",
-    "terminate",
-    "terminate-key",
-    "other",
-)
+PUSHER_ENDPOINTS = http.PUSHER_KINDS  # byte 1, bits 0-2
 PUSHER_VERBS = (None,) * 13 + ("GET", "POST", "DELETE")
 APP_IDS = (APP_ID, APP_ID, APP_ID, "9")
 AUTH = (
