@@ -706,7 +706,15 @@ class ApiClient:
         response = await self._http.fetch(request, raise_error=False)
         if response.code == 599:
             raise ApiError(599, 0, str(response.error))
-        payload = orjson.loads(response.body) if response.body else {}
+        try:
+            payload = orjson.loads(response.body) if response.body else {}
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            # Not our server's answer: a proxy's error page (HAProxy's 503
+            # when no node is up), or something else on that address.
+            excerpt = response.body[:80].decode("utf-8", "replace").strip()
+            raise ApiError(response.code, 0, f"not a JSON object from the server: {excerpt!r}")
         if response.code >= 400 or "error" in payload or answer not in payload:
             err = payload.get("error", {})
             raise ApiError(response.code, err.get("code", 0), err.get("message", "error"))

@@ -78,3 +78,37 @@ async def test_get_token_is_called_on_every_connect(make_server: ServerFactory) 
     assert client.close_code == 3011
     assert len(calls) == 2
     await client.close()
+
+
+async def test_api_client_reports_a_proxy_error_page_as_api_error() -> None:
+    """Behind HAProxy with no node up, the answer is HAProxy's HTML 503 page:
+    the API client raises ``ApiError`` with that status, not a JSON error."""
+    import tornado.httpserver
+    import tornado.testing
+    import tornado.web
+
+    from server.client import ApiClient, ApiError
+
+    class Page(tornado.web.RequestHandler):
+        def post(self, method: str) -> None:
+            if method == "list":
+                self.write(b"[1, 2]")  # JSON, but not an answer
+                return
+            self.set_status(503)
+            self.write(b"<html><body><h1>503 Service Unavailable</h1></body></html>")
+
+    sock, port = tornado.testing.bind_unused_port()
+    http = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/api/(\w+)", Page)]))
+    http.add_sockets([sock])
+    try:
+        api = ApiClient(f"http://127.0.0.1:{port}", "key", timeout=5)
+        with pytest.raises(ApiError) as caught:
+            await api.call("publish", {"channel": "news", "data": {}})
+        assert caught.value.status == 503
+        assert "503 Service Unavailable" in caught.value.message
+        with pytest.raises(ApiError) as caught:
+            await api.call("list")
+        assert caught.value.status == 200
+        assert "not a JSON object" in caught.value.message
+    finally:
+        http.stop()
