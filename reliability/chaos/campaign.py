@@ -182,11 +182,16 @@ async def run_campaign(params: Params) -> Outcome:
         await topology.stop()
     extra["timings"] = timings
     extra["fault_errors"] = runner.errors
+    extra["faults_skipped"] = runner.skipped
+    # Redis kills that no failover followed (the killed master started again).
+    extra["redis_restarted_in_place"] = getattr(topology.redis, "restarted_in_place", 0)
     extra["faults_applied"] = runner.applied
     outcomes: dict[str, str] = {}
     for r in read_history(history_path):
         if r.get("k") == "fs":
-            outcomes[str(r["f"])] = "error" if r.get("err") else "yes"
+            outcomes[str(r["f"])] = (
+                "skipped" if r.get("skipped") else "error" if r.get("err") else "yes"
+            )
     extra["fault_outcomes"] = outcomes
     result = check(read_history(history_path), durable_namespaces=[DURABLE_NS])
     history_path = compress(history_path)

@@ -137,7 +137,10 @@ def check(
             client_events[r["s"]].append(r)
             stats[{"cn": "connects", "dc": "disconnects", "cl": "clients_gave_up"}[k]] += 1
         elif k == "fs":
-            stats["faults_failed_to_apply" if r.get("err") else "faults_injected"] += 1
+            if r.get("skipped"):
+                stats["faults_skipped"] += 1
+            else:
+                stats["faults_failed_to_apply" if r.get("err") else "faults_injected"] += 1
         elif k == "ix":
             indexed[r["c"]] = set(r["ids"])
 

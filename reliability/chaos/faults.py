@@ -141,6 +141,8 @@ class FaultRunner:
         self.errors: list[str] = []
         # Fault id -> the proxy a redis_master / redis_replica fault went to.
         self._links: dict[int, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # component -> held while faulted
+        self.skipped: list[int] = []  # faults whose window passed while waiting
 
     def _link(self, f: Fault) -> str:
         """The Toxiproxy proxy of a link fault (resolved once, at its start)."""
@@ -228,6 +230,28 @@ class FaultRunner:
     async def run_one(self, f: Fault, t0: float) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, t0 + f.start - loop.time()))
+        # The schedule keeps faults of one component apart by their planned
+        # durations, but healing can take longer (a failover that does not
+        # come, a process that will not start): a fault waits until the
+        # component's last one is healed, and is skipped if its whole window
+        # passes meanwhile (never two Redis kills at once, say).
+        lock = self._locks.setdefault(f.component, asyncio.Lock())
+        if lock.locked():
+            try:
+                await asyncio.wait_for(lock.acquire(), t0 + f.start + f.duration - loop.time())
+            except TimeoutError:
+                self.skipped.append(f.id)
+                self.history.record("fs", f=f.id, kind=f.kind, target=f.target,
+                                    skipped="its component was still healing")  # fmt: skip
+                return
+        else:
+            await lock.acquire()
+        try:
+            await self._run_locked(f)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, f: Fault) -> None:
         try:
             await self.apply(f)
         except Exception as exc:  # recorded, and the run goes on

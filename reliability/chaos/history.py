@@ -17,7 +17,7 @@ Every record has ``k`` (its kind) and ``t`` (seconds since the run started):
 | cn | a client connected | s, node, n (connects so far) |
 | dc | a client's connection lost | s, code, reason |
 | cl | a client gave up (reported to the application) | s, err |
-| fs / fe | a fault started / healed | f (fault id), kind, target, err |
+| fs / fe | a fault started / healed | f (fault id), kind, target, err, skipped |
 | fr | a process failed to start again (retried) | f, kind, target, attempt, err |
 | ix | what the search index returned at the end, per durable channel | c, ids |
 
@@ -25,7 +25,8 @@ Every record has ``k`` (its kind) and ``t`` (seconds since the run started):
 ``recovered``, o/e its position, n how many publications it replayed, tq
 when it was asked. ``dl``: a is 1 when the client handed the publication to
 the application, 0 when its duplicate guard dropped it. ``fs``: err is set
-when the fault could not be applied.
+when the fault could not be applied, skipped when it was not (its
+component was still healing from an earlier fault for its whole window).
 """
 
 from __future__ import annotations
@@ -49,11 +50,17 @@ class History:
         self._file: IO[bytes] = path.open("wb", buffering=1 << 20)
         self._t0 = time.monotonic()
         self.counts: dict[str, int] = {}
+        self.late = 0  # records after close, dropped
 
     def now(self) -> float:
         return round(time.monotonic() - self._t0, 4)
 
     def record(self, k: str, /, **fields: Any) -> None:
+        if self._file.closed:
+            # The run is over (a client task that ends after its client was
+            # shut down): counted, not written.
+            self.late += 1
+            return
         fields["k"] = k
         fields["t"] = self.now()
         self.counts[k] = self.counts.get(k, 0) + 1

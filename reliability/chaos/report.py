@@ -88,6 +88,12 @@ def markdown(data: dict[str, Any]) -> str:
     if data.get("fault_errors"):
         lines += ["", "## Faults that could not be applied or healed", ""]
         lines += [f"- {e}" for e in data["fault_errors"]]
+    if data.get("faults_skipped"):
+        lines += ["", f"Faults skipped (their component was still healing): "
+                  f"{', '.join(str(f) for f in data['faults_skipped'])}."]  # fmt: skip
+    if data.get("redis_restarted_in_place"):
+        lines += ["", f"Redis kills no failover followed (the killed master was started "
+                  f"again): {data['redis_restarted_in_place']}."]  # fmt: skip
     lines += ["", "## Violations", ""]
     if not data["violations"]:
         lines.append("None.")

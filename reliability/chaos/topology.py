@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ VOLATILE_NS = "chaosv"  # history in Redis only
 # Redis persistence: "aof-always" (every write fsynced before its reply: a
 # kill -9 loses nothing), "aof-everysec" (the default of most deployments:
 # up to a second of writes may go), "none" (every restart is a new epoch).
+# Seconds a healing Redis kill waits for the sentinels to promote the replica.
+NO_FAILOVER_AFTER = 30.0
+
 REDIS_PERSISTENCE = {
     "aof-always": ("--appendonly", "yes", "--appendfsync", "always"),
     "aof-everysec": ("--appendonly", "yes", "--appendfsync", "everysec"),
@@ -112,6 +116,10 @@ class RedisBackend(Protocol):
         """The proxy in front of the current ``master`` or ``replica``."""
         ...
 
+    def node_env(self) -> dict[str, str]:
+        """Broker settings of every node for this Redis."""
+        ...
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -146,6 +154,9 @@ class SingleRedis:
 
     def link_of(self, role: str) -> str:
         raise LookupError("one Redis: its links are the nodes' (redis_n<i>)")
+
+    def node_env(self) -> dict[str, str]:
+        return {}
 
     def __init__(self, persistence: str = "aof-always") -> None:
         if persistence not in REDIS_PERSISTENCE:
@@ -187,16 +198,30 @@ class SentinelRedis:
     failover). Nodes ask the sentinels (reached directly) where the master
     is. ``kill_master`` is kill -9 of the current master; ``heal_master``
     waits for the sentinels to promote the replica, then starts the old
-    master again as a replica of the new one."""
+    master again as a replica of the new one. When no failover comes (the
+    sentinels found no replica fit to promote), it starts the killed master
+    again where it was, with its data, as an operator would. Both servers
+    persist as ``persistence`` says; their logs and the sentinels' stay in
+    ``log_dir``."""
 
     per_node_links = False
 
-    def __init__(self) -> None:
+    def __init__(self, persistence: str = "aof-always", log_dir: Path | None = None) -> None:
         from tests.services import RedisSentinelSet
 
+        if persistence not in REDIS_PERSISTENCE:
+            raise ValueError(f"redis persistence: one of {sorted(REDIS_PERSISTENCE)}")
         self._ports = {name: (free_port(), free_port()) for name in ("redis_a", "redis_b")}
         self.set = RedisSentinelSet(fronts=dict(self._ports.values()))
+        self.log_dir = log_dir
+        for name, server in zip(("redis_a", "redis_b"), (self.set.master, self.set.replica),
+                                strict=True):  # fmt: skip
+            server.extra = (*server.extra, *REDIS_PERSISTENCE[persistence])
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                server.extra = (*server.extra, "--logfile", str(log_dir / f"{name}.log"))
         self._killed_port: int | None = None
+        self.restarted_in_place = 0  # kills no failover followed
 
     def links(self) -> dict[str, tuple[int, str]]:
         """Proxies to create before ``start``: name -> (listen port, upstream)."""
@@ -211,10 +236,24 @@ class SentinelRedis:
                 return name
         raise LookupError(f"no proxy in front of the {role}")
 
+    def node_env(self) -> dict[str, str]:
+        # Replication is asynchronous: a publish the master acknowledged and
+        # did not yet pass on is lost when the replica takes over, and an old
+        # master cut off from the sentinels takes writes until it is demoted
+        # (docs/operations.md, Redis Sentinel). An operator who promises
+        # that nothing is lost silently waits for the replica: a publish it
+        # did not confirm answers 503 "may still be delivered, or lost".
+        return {"SQUALL_BROKER_MIN_REPLICAS_ACK": "1",
+                "SQUALL_BROKER_REPLICAS_ACK_TIMEOUT_MS": "250"}  # fmt: skip
+
     def start(self) -> None:
         self.set.start()
 
     def stop(self) -> None:
+        if self.log_dir is not None:
+            for log in self.set.dir.glob("sentinel-*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(log, self.log_dir / log.name)
         self.set.stop()
 
     def upstream(self) -> str:
@@ -230,7 +269,24 @@ class SentinelRedis:
     def heal_master(self) -> None:
         if self._killed_port is None:
             return
-        new_port = self.set.wait_for_new_master(self._killed_port)
+        port = self._killed_port
+        killed = self.set.master if self.set.master.port == port else self.set.replica
+        try:
+            new_port = self.set.wait_for_new_master(self._killed_port, NO_FAILOVER_AFTER)
+        except TimeoutError:
+            # The master is down and the sentinels promote nobody: Redis is
+            # unavailable until it is back. Start it again as it was; should
+            # the sentinels have promoted the replica after all, they demote
+            # it on its return.
+            extra = list(killed.extra)
+            if "--replicaof" in extra:
+                i = extra.index("--replicaof")
+                del extra[i : i + 3]
+            killed.extra = tuple(extra)
+            killed.start(port=self._killed_port)
+            self.restarted_in_place += 1
+            self._killed_port = None
+            return
         old = self.set.replica  # the killed one, after the swap
         self.set.replica_of(old, new_port)
         old.start(port=self._killed_port)
@@ -304,7 +360,7 @@ class Topology:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.redis is None:
             if self.redis_kind == "sentinel":
-                self.redis = SentinelRedis()
+                self.redis = SentinelRedis(self.redis_persistence, self.workdir / "redis")
             else:
                 self.redis = SingleRedis(self.redis_persistence)
         self.toxiproxy_server = ToxiproxyServer()
@@ -352,6 +408,7 @@ class Topology:
             )
             env = {
                 "SQUALL_BROKER_URL": self.redis.broker_url(redis_proxy_port),
+                **self.redis.node_env(),
                 "SQUALL_STORE_URL": self.ferret.url + "squall_chaos",
                 "SQUALL_API_KEY": API_KEY,
                 "SQUALL_TOKEN_SECRET": SECRET,
