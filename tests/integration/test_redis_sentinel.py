@@ -367,46 +367,67 @@ async def test_unreplicated_publications_get_a_new_epoch_after_failover(
     assert [(p["offset"], p["data"]["n"]) for p in history["publications"]] == [(1, 5)]
 
 
+@dataclass
+class FailoverRun:
+    """What ``publish_through_failover`` saw: acknowledged positions (epoch,
+    offset) -> publication number, failed publishes, the killed port, and how
+    long publishing took to come back."""
+
+    acked: dict[tuple[str, int], int]
+    failed: int
+    old_port: int
+    back_after: float
+
+
+async def publish_through_failover(
+    api: ApiClient, sset: RedisSentinelSet, channel: str, *, kill_at: int = 40,
+    acked_after_kill: int = 60,
+) -> FailoverRun:  # fmt: skip
+    """Publish to ``channel`` every 20 ms (bounded: 400 publishes, 40 s) and
+    kill the master at the ``kill_at``-th, until ``acked_after_kill``
+    publishes were acknowledged after the kill. A publish may fail only with
+    503 (or the client's 599), and no position is ever acknowledged twice."""
+    acked: dict[tuple[str, int], int] = {}
+    failed = after_kill = old_port = 0
+    killed_at = back_at = 0.0
+    deadline = time.monotonic() + 40
+    for n in range(400):
+        if time.monotonic() > deadline or after_kill >= acked_after_kill:
+            break
+        if n == kill_at:
+            old_port = sset.kill_master()
+            killed_at = time.monotonic()
+        try:
+            ack = await api.publish(channel, {"n": n})
+        except ApiError as exc:
+            assert exc.status in (503, 599), exc
+            failed += 1
+        else:
+            key = (ack["epoch"], ack["offset"])
+            assert key not in acked, f"offset {key} handed out twice"
+            acked[key] = n
+            if old_port:
+                after_kill += 1
+                back_at = back_at or time.monotonic()
+        await asyncio.sleep(0.02)
+    assert after_kill >= acked_after_kill, "publishing did not come back after the failover"
+    await new_master(sset, old_port)
+    return FailoverRun(acked, failed, old_port, back_at - killed_at)
+
+
 async def test_failover_while_publishing_loses_nothing_silently(
     make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
 ) -> None:
     server = await make_server(sentinel_config(sentinel_set, prefix))
-    api = server.api()
     subscribers = [Subscriber(server, "live") for _ in range(3)]
     for sub in subscribers:
         sub.start()
     try:
         await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subscribers)), 10)
-        acked: dict[tuple[str, int], int] = {}
-        failed = 0
-        killed_at: float | None = None
-        first_ok_after_kill: float | None = None
-        old_port = 0
-        n = 0
-        deadline = time.monotonic() + 40
-        # A bounded publisher: every 20 ms; the master dies at the 40th.
-        while n < 400 and time.monotonic() < deadline:
-            if n == 40 and killed_at is None:
-                old_port = sentinel_set.kill_master()
-                killed_at = time.monotonic()
-            try:
-                ack = await api.publish("live", {"n": n})
-            except ApiError as exc:
-                assert exc.status in (503, 599), exc
-                failed += 1
-            else:
-                key = (ack["epoch"], ack["offset"])
-                assert key not in acked, f"offset {key} handed out twice"
-                acked[key] = n
-                if killed_at is not None and first_ok_after_kill is None:
-                    first_ok_after_kill = time.monotonic()
-            n += 1
-            if first_ok_after_kill is not None and len(acked) >= 120:
-                break
-            await asyncio.sleep(0.02)
-        assert killed_at is not None and first_ok_after_kill is not None
-        assert first_ok_after_kill - killed_at < 20, "publishing did not come back"
-        await new_master(sentinel_set, old_port)
+        run = await publish_through_failover(server.api(), sentinel_set, "live",
+                                             acked_after_kill=80)  # fmt: skip
+        acked = run.acked
+        assert run.back_after < 20, "publishing did not come back"
         epochs = sorted({e for e, _ in acked}, key=lambda e: min(o for x, o in acked if x == e))
         assert len(epochs) >= 2, "the failover did not start a new epoch"
         # Subscribers keep receiving: the last acknowledged one reaches all.
@@ -419,8 +440,8 @@ async def test_failover_while_publishing_loses_nothing_silently(
         counts = check_honesty(acked, subscribers)
         assert all(any(e[0] == "recover" and e[1] is False for e in s.events)
                    for s in subscribers), "nobody was told of the failover"  # fmt: skip
-        print(f"acked {len(acked)}, failed {failed}, {counts}, "
-              f"back after {first_ok_after_kill - killed_at:.1f}s")  # fmt: skip
+        print(f"acked {len(acked)}, failed {run.failed}, {counts}, "
+              f"back after {run.back_after:.1f}s")  # fmt: skip
     finally:
         for sub in subscribers:
             await sub.stop()
@@ -502,34 +523,12 @@ async def test_durable_subscribers_lose_nothing_and_see_no_gap_across_a_failover
     make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
 ) -> None:
     server = await make_server({**sentinel_config(sentinel_set, prefix), **DURABLE})
-    api = server.api()
     subscribers = [Subscriber(server, "logged:live") for _ in range(3)]
     for sub in subscribers:
         sub.start()
     try:
         await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subscribers)), 10)
-        acked: dict[tuple[str, int], int] = {}
-        old_port = 0
-        n = 0
-        after_kill = 0
-        deadline = time.monotonic() + 40
-        while n < 400 and time.monotonic() < deadline and after_kill < 60:
-            if n == 40:
-                old_port = sentinel_set.kill_master()
-            try:
-                ack = await api.publish("logged:live", {"n": n})
-            except ApiError as exc:
-                assert exc.status in (503, 599), exc
-            else:
-                key = (ack["epoch"], ack["offset"])
-                assert key not in acked, f"offset {key} handed out twice"
-                acked[key] = n
-                if old_port:
-                    after_kill += 1
-            n += 1
-            await asyncio.sleep(0.02)
-        assert after_kill >= 60, "publishing did not come back after the failover"
-        await new_master(sentinel_set, old_port)
+        acked = (await publish_through_failover(server.api(), sentinel_set, "logged:live")).acked
         # One epoch, offsets without a hole: the log's sequence went on.
         assert len({e for e, _ in acked}) == 1, sorted(acked)
         offsets = sorted(o for _, o in acked)
