@@ -228,10 +228,9 @@ class MongoStore:
         docs = [_doc(p, retention) for p in pubs]
         queued: list[ObjectId] = []
         if searchable:
-            queue = self._index_queue()
             entries = [{**d, "_id": ObjectId()} for d in docs]
             queued = [e["_id"] for e in entries]
-            await self._call(lambda: queue.insert_many(entries, ordered=False))
+            await self._enqueue(entries)
         try:
             await self._insert(col, docs)
         except BaseException:
@@ -246,6 +245,18 @@ class MongoStore:
             self._appended.clear()
         for d, queue_id in zip(docs, queued, strict=False):
             self._appended[(d["channel"], d["epoch"], d["offset"])] = queue_id
+
+    async def _enqueue(self, entries: list[dict[str, Any]]) -> None:
+        """Queue ``entries`` for the indexer. Their ids are made here, so a
+        duplicate id is this append's own earlier try, whose reply was lost
+        on the way (a timeout, a dropped connection): that entry is in."""
+        queue = self._index_queue()
+        try:
+            await self._call(lambda: queue.insert_many(entries, ordered=False))
+        except BulkWriteError as exc:
+            failed = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in failed):
+                raise StoreUnavailable(f"mongodb: index queue write errors {failed}") from None
 
     async def _insert(
         self, col: AsyncCollection[dict[str, Any]], docs: list[dict[str, Any]]

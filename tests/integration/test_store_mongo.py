@@ -107,3 +107,30 @@ async def test_the_indexer_gets_the_logs_publication_not_a_stale_queue_entry(
     assert [(p.offset, p.data) for p in pending] == [(1, winner.data)]
     await store.mark_indexed(pending)
     assert await queue.count_documents({"channel": "race"}) == 0
+
+
+async def test_an_append_whose_queue_write_reply_was_lost_completes(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index-queue write lands but its reply is lost (a timeout): the
+    retry meets its own entries. Found by the chaos campaign, where the
+    publish was answered 'internal server error' although it was made."""
+    from pymongo.errors import NetworkTimeout
+
+    queue = store._index_queue()
+    real = queue.insert_many
+    lost = []
+
+    async def lands_then_times_out(docs: Any, **kwargs: Any) -> Any:
+        result = await real(docs, **kwargs)
+        if not lost:
+            lost.append(True)
+            raise NetworkTimeout("timed out (the reply was lost)")
+        return result
+
+    monkeypatch.setattr(queue, "insert_many", lands_then_times_out)
+    await store.append([pub("lost-reply", 1), pub("lost-reply", 2)], searchable=True)
+    assert lost
+    assert [p.offset for p in await store.read("lost-reply", "e1", limit=10)] == [1, 2]
+    assert [p.offset for p in await store.pending_index(10)] == [1, 2]
+    assert await queue.count_documents({"channel": "lost-reply"}) == 2
