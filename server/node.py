@@ -495,7 +495,9 @@ class Node:
                     if current.epoch == at.epoch and current.offset < at.offset:
                         log.warning("%s: the broker's stream is at %d, the log at %d: "
                                     "handing it over", name, current.offset, at.offset)  # fmt: skip
-                        with contextlib.suppress(BrokerUnavailable):
+                        # Best effort: the log has it, so it is made; the
+                        # next publish or a recovery hands it over.
+                        with contextlib.suppress(BrokerUnavailable, StoreUnavailable):
                             await self._repair(channel, current)
                     else:
                         log.error("broker stream of %s moved during a durable publish", name)
@@ -543,6 +545,8 @@ class Node:
             await self._repair(channel, position)
         except BrokerUnavailable as exc:
             raise errors.Unavailable(f"broker: {exc}") from None
+        except StoreUnavailable as exc:
+            raise errors.Unavailable(f"store: {exc}") from None
         return last
 
     async def _read_log_shared(

@@ -101,3 +101,69 @@ async def test_the_log_answers_even_when_the_stream_stays_behind(
     assert result["recovered"] is True
     assert (result["epoch"], result["offset"]) == (epoch, 5)
     assert [p["data"]["n"] for p in result.get("publications", [])] == [3, 4]
+
+
+def log_reads_fail(server: Any, monkeypatch: Any) -> None:
+    """Reading the log fails from now on (the store is timing out)."""
+    from server.store import StoreUnavailable
+
+    async def read(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("mongodb: timed out")
+
+    monkeypatch.setattr(server.node.store, "read", read)
+
+
+async def test_a_recovery_that_cannot_read_the_log_is_a_temporary_error(
+    make_server: ServerFactory, redis_server: Any, prefix: str, monkeypatch: Any
+) -> None:
+    """Found by the chaos campaign: the hand-over's log read timed out and the
+    subscribe was answered 'internal server error'. It is 114 (temporary:
+    the client tries again), and works once the log answers."""
+    server = await make_server(config(redis_server, prefix))
+    api = server.api()
+    acks = [await api.publish("logged:d", {"n": n}) for n in range(4)]
+    epoch = acks[0]["epoch"]
+    await rewind(redis_server, prefix, "logged:d", 1)
+    with monkeypatch.context() as patch:
+        log_reads_fail(server, patch)
+        raw = await server.connected()
+        reply = await raw.call(
+            "subscribe", {"channel": "logged:d", "recover": True, "offset": 3, "epoch": epoch}
+        )
+        assert reply["error"]["code"] == 114, reply
+        assert "store" in reply["error"]["message"]
+    reply = await raw.call(
+        "subscribe", {"channel": "logged:d", "recover": True, "offset": 3, "epoch": epoch}
+    )
+    assert reply["result"]["recovered"] is True
+    assert [p["data"]["n"] for p in reply["result"]["publications"]] == [3]
+
+
+async def test_a_durable_publish_is_acknowledged_when_the_hand_over_cannot_read_the_log(
+    make_server: ServerFactory, redis_server: Any, prefix: str, monkeypatch: Any
+) -> None:
+    """The publication is in the log, so it is made: a failed hand-over of
+    what the stream lacks must not turn its answer into an error."""
+    server = await make_server(config(redis_server, prefix))
+    api = server.api()
+    acks = [await api.publish("logged:e", {"n": n}) for n in range(3)]
+    epoch = acks[0]["epoch"]
+    broker = server.node.broker
+    real_position = broker.position
+
+    async def position_then_lag(name: str) -> Any:
+        # The position is read, then the stream falls behind (a failover to
+        # a replica that lagged) before the broker step of the publish.
+        at = await real_position(name)
+        await rewind(redis_server, prefix, "logged:e", 1)
+        return at
+
+    with monkeypatch.context() as patch:
+        log_reads_fail(server, patch)
+        patch.setattr(broker, "position", position_then_lag)
+        after = await api.publish("logged:e", {"n": 3})
+    assert (after["epoch"], after["offset"]) == (epoch, 4)
+    # The next publish hands over what the stream still lacks.
+    await api.publish("logged:e", {"n": 4})
+    history = await api.history("logged:e", limit=10)
+    assert [p["data"]["n"] for p in history["publications"]] == [0, 1, 2, 3, 4]
