@@ -52,7 +52,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import ExponentialBackoff
 
 from server.broker import (
@@ -199,7 +204,7 @@ class _PubSub:
         if self.factory is not None:
             client = self.factory(**options)
         else:
-            client = aioredis.Redis.from_url(self.url, **options)
+            client = aioredis.Redis.from_url(self.url, connection_class=_Connection, **options)
         self.pubsub = client.pubsub()
         # A first subscription opens the connection (a plain channel, allowed
         # on any cluster node). On every reconnect after it, redis-py
@@ -469,6 +474,36 @@ class _NewestSentinel(Sentinel):
         return max(named, key=lambda a: a[0])[1]
 
 
+def _closed_under_it(exc: BaseException) -> bool:
+    """uvloop's error for a write to a transport that was closed under it
+    (a connection that died while it was being set up): a lost connection,
+    which redis-py does not recognise as one."""
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+
+
+class _LostIsConnectionError:
+    """Makes that RuntimeError a ``ConnectionError``, so a command on a
+    connection lost that way fails as any other lost connection does
+    (``BrokerUnavailable``, 114) instead of as an internal error."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            if not _closed_under_it(exc):
+                raise
+            lost = f"connection lost while writing: {exc}"
+            raise redis.exceptions.ConnectionError(lost) from None
+
+
+class _Connection(_LostIsConnectionError, aioredis.Connection):
+    pass
+
+
+class _SentinelConnection(_LostIsConnectionError, SentinelManagedConnection):
+    pass
+
+
 class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's sentinel pool (connections to whichever server the
     sentinels name master) that waits for a free connection when all are in
@@ -537,7 +572,11 @@ class _Shard:
             # the broker timeout) instead of failing with "Too many
             # connections", which is what redis-py's default pool does.
             pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=POOL_SIZE, timeout=timeout, **kwargs
+                self.url,
+                max_connections=POOL_SIZE,
+                timeout=timeout,
+                connection_class=_Connection,
+                **kwargs,
             )
             self.client = aioredis.Redis.from_pool(pool)  # closes the pool with it
             self.pubsubs[self.url] = _PubSub(self.broker, self.url, self.label, sharded=False)
@@ -581,6 +620,7 @@ class _Shard:
         self.client = self.sentinel.master_for(
             target.master,
             connection_pool_class=_SentinelBlockingPool,
+            connection_class=_SentinelConnection,
             max_connections=POOL_SIZE,
             timeout=timeout,
             **kwargs,
@@ -588,7 +628,9 @@ class _Shard:
         sentinel = self.sentinel
 
         def pubsub_client(**options: Any) -> Any:
-            return sentinel.master_for(target.master, **options)
+            return sentinel.master_for(
+                target.master, connection_class=_SentinelConnection, **options
+            )
 
         self.pubsubs[self.url] = _PubSub(
             self.broker, self.url, self.label, sharded=False, factory=pubsub_client

@@ -411,3 +411,45 @@ async def test_a_durable_stream_that_cannot_be_seeded_does_not_stop_the_position
             await b.position("logged:d")
     finally:
         await b.close()
+
+
+CLOSED_UNDER_IT = (
+    "unable to perform operation on <TCPTransport closed=True reading=False 0x0>; "
+    "the handler is closed"
+)
+
+
+async def closed_under_a_write(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, connection: type = aioredis.Connection
+) -> None:
+    """Every write meets uvloop's RuntimeError for a transport closed under it
+    (seen in the chaos campaign while a connection died during its setup):
+    the broker answers BrokerUnavailable (114, which clients retry), not an
+    internal error; then, the connection healthy again, it works."""
+    from server.broker import BrokerUnavailable
+
+    async def closed(self: Any, command: Any) -> None:
+        raise RuntimeError(CLOSED_UNDER_IT)
+
+    await broker.publish("lost", b"{}", info=None, history=KEEP)
+    with monkeypatch.context() as patch:
+        # Writes on ``connection``s, the broker's connections to the server.
+        patch.setattr(connection, "_send_packed_command", closed)
+        # Every pooled connection has to write again: drop them.
+        for shard in broker.shards:
+            await shard.client.connection_pool.disconnect()
+        with pytest.raises(BrokerUnavailable):
+            await broker.history("lost", after=None, limit=10)
+    result = await broker.history("lost", after=None, limit=10)
+    assert [p.offset for p in result.publications] == [1]
+
+
+async def test_a_connection_closed_under_a_write_is_broker_unavailable(
+    redis_server: Any, prefix: str, handler: GapHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = RedisBroker(redis_server.url, prefix=prefix)
+    await b.start(handler)
+    try:
+        await closed_under_a_write(b, monkeypatch)
+    finally:
+        await b.close()

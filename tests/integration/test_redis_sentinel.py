@@ -678,3 +678,14 @@ async def test_a_position_read_while_subscribing_waits_for_the_subscription(
     assert delivered is not None, "the position was read before the subscription was in place"
     assert delivered.offset <= second.offset == 3
     await first
+
+
+async def test_a_connection_closed_under_a_write_is_broker_unavailable(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.asyncio.sentinel import SentinelManagedConnection
+
+    from tests.integration.test_broker_redis import closed_under_a_write
+
+    # Only the master's connections: the sentinels still answer.
+    await closed_under_a_write(broker, monkeypatch, SentinelManagedConnection)
