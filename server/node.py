@@ -499,8 +499,16 @@ class Node:
                         # next publish or a recovery hands it over.
                         with contextlib.suppress(BrokerUnavailable, StoreUnavailable):
                             await self._repair(channel, current)
+                    elif current.epoch == at.epoch:
+                        # Already there: another node handed it over from
+                        # the log (a recovery that found its stream behind).
+                        log.info("%s: the broker's stream is at %d already, past %d",
+                                 name, current.offset, at.offset)  # fmt: skip
                     else:
-                        log.error("broker stream of %s moved during a durable publish", name)
+                        log.error(
+                            "%s: the broker's stream moved to epoch %s during a durable "
+                            "publish at %s:%d", name, current.epoch, at.epoch, at.offset,
+                        )  # fmt: skip
                     return pub
                 except BrokerUnavailable as exc:
                     # The log has it: it is made, whatever the broker did.
