@@ -279,11 +279,16 @@ class RedisSentinelSet:
     def replica_of(self, server: RedisServer, master_port: int) -> None:
         """Make ``server`` start as a replica of the server on ``master_port``
         (replacing what it replicated before)."""
+        self.as_master(server)
+        server.extra = (*server.extra, "--replicaof", "127.0.0.1", str(self.visible(master_port)))
+
+    def as_master(self, server: RedisServer) -> None:
+        """Make ``server`` start as a master (it replicates nothing)."""
         extra = list(server.extra)
         if "--replicaof" in extra:
             i = extra.index("--replicaof")
             del extra[i : i + 3]
-        server.extra = (*extra, "--replicaof", "127.0.0.1", str(self.visible(master_port)))
+        server.extra = tuple(extra)
 
     def _start(self) -> None:
         self.master.start(port=self._ports[0] or None)

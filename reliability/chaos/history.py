@@ -50,7 +50,6 @@ class History:
         self._file: IO[bytes] = path.open("wb", buffering=1 << 20)
         self._t0 = time.monotonic()
         self.counts: dict[str, int] = {}
-        self.late = 0  # records after close, dropped
 
     def now(self) -> float:
         return round(time.monotonic() - self._t0, 4)
@@ -58,8 +57,7 @@ class History:
     def record(self, k: str, /, **fields: Any) -> None:
         if self._file.closed:
             # The run is over (a client task that ends after its client was
-            # shut down): counted, not written.
-            self.late += 1
+            # shut down): not written.
             return
         fields["k"] = k
         fields["t"] = self.now()

@@ -52,14 +52,13 @@ VOLATILE_NS = "chaosv"  # history in Redis only
 # Redis persistence: "aof-always" (every write fsynced before its reply: a
 # kill -9 loses nothing), "aof-everysec" (the default of most deployments:
 # up to a second of writes may go), "none" (every restart is a new epoch).
-# Seconds a healing Redis kill waits for the sentinels to promote the replica.
-NO_FAILOVER_AFTER = 30.0
-
 REDIS_PERSISTENCE = {
     "aof-always": ("--appendonly", "yes", "--appendfsync", "always"),
     "aof-everysec": ("--appendonly", "yes", "--appendfsync", "everysec"),
     "none": (),
 }
+# Seconds a healing Redis kill waits for the sentinels to promote the replica.
+NO_FAILOVER_AFTER = 30.0
 
 
 def squall_config(volatile_history: int, search_url: str = "") -> str:
@@ -272,18 +271,14 @@ class SentinelRedis:
         port = self._killed_port
         killed = self.set.master if self.set.master.port == port else self.set.replica
         try:
-            new_port = self.set.wait_for_new_master(self._killed_port, NO_FAILOVER_AFTER)
+            new_port = self.set.wait_for_new_master(port, NO_FAILOVER_AFTER)
         except TimeoutError:
             # The master is down and the sentinels promote nobody: Redis is
             # unavailable until it is back. Start it again as it was; should
             # the sentinels have promoted the replica after all, they demote
             # it on its return.
-            extra = list(killed.extra)
-            if "--replicaof" in extra:
-                i = extra.index("--replicaof")
-                del extra[i : i + 3]
-            killed.extra = tuple(extra)
-            killed.start(port=self._killed_port)
+            self.set.as_master(killed)
+            killed.start(port=port)
             self.restarted_in_place += 1
             self._killed_port = None
             return
