@@ -97,6 +97,16 @@ class _Process:
             self.proc.wait(timeout=10)
             self.proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: alive, holding its connections, answering nothing (a
+        machine that hangs, or a network that stalls both ways)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def _spawn(
         self, cmd: list[str], log: Path, ready: Callable[[], bool], timeout: float, what: str
     ) -> None:

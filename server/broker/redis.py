@@ -405,7 +405,11 @@ class _GroupCommit:
         tail = ("WAIT", broker.min_replicas_ack, broker.replicas_ack_timeout_ms) if wait else ()
         try:
             replies = await run_script_calls(
-                shard.client, shard.scripts[self._script], [(k, a) for k, a, _ in calls], tail
+                shard.client,
+                shard.scripts[self._script],
+                [(k, a) for k, a, _ in calls],
+                tail,
+                shard.late_args,
             )
         except NotSent as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
@@ -455,6 +459,11 @@ class _NewestSentinel(Sentinel):
     believed it would write to a server about to be wiped, and read streams
     that lag the new master's."""
 
+    # The highest configuration epoch any sentinel reported (it never goes
+    # back): stream scripts get it, so a stream written under an older
+    # configuration counts as stale (see ``redis_lua``).
+    config_epoch = 0
+
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         async def ask(sentinel: Any) -> tuple[int, tuple[str, int]] | None:
             masters = await sentinel.sentinel_masters()
@@ -471,7 +480,9 @@ class _NewestSentinel(Sentinel):
                 f"No master found for {service_name!r}"
                 + (f": {', '.join(errors)}" if errors else "")
             )
-        return max(named, key=lambda a: a[0])[1]
+        epoch, address = max(named, key=lambda a: a[0])
+        self.config_epoch = max(self.config_epoch, epoch)
+        return address
 
 
 def _closed_under_it(exc: BaseException) -> bool:
@@ -542,6 +553,23 @@ class _Shard:
         # Group commit of the hot scripts (one server, not a cluster).
         self.publishes = _GroupCommit(self, "publish", share=False)
         self.positions = _GroupCommit(self, "position", share=True)
+
+    def script_args(self, args: Sequence[Any]) -> list[Any]:
+        """A script call's arguments as this shard's scripts take them:
+        behind Sentinel, with the configuration epoch last."""
+        if isinstance(self.sentinel, _NewestSentinel):
+            return [*args, self.sentinel.config_epoch]
+        return list(args)
+
+    @property
+    def late_args(self) -> Callable[[], Sequence[Any]] | None:
+        """``script_args``' addition, for ``run_script_calls`` to ask for once
+        it has a connection: a connection to a new master learns its
+        configuration epoch as it connects."""
+        sentinel = self.sentinel
+        if isinstance(sentinel, _NewestSentinel):
+            return lambda: (sentinel.config_epoch,)
+        return None
 
     async def start(self) -> None:
         timeout = self.broker.timeout
@@ -865,7 +893,7 @@ class RedisBroker:
 
     async def _call(self, shard: _Shard, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await shard.scripts[script](keys=keys, args=args)
+            return await shard.scripts[script](keys=keys, args=shard.script_args(args))
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
 
@@ -941,11 +969,31 @@ class RedisBroker:
                 # once per round trip, not once each.
                 offset, epoch = await shard.positions.call(channel, keys, args)
             if int(offset) >= 0:
-                return StreamPosition(
+                position = StreamPosition(
                     int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch
                 )
+                self._check_epoch(channel, position)
+                return position
             await self._seed_from_log(channel)
         raise BrokerUnavailable(f"the stream of {channel} keeps vanishing from Redis")
+
+    def _check_epoch(self, channel: str, position: StreamPosition) -> None:
+        """A position read for a subscriber (which it is handed) in another
+        epoch than this node delivers: the node's pub/sub lags a change of
+        epoch, or it heard a server that is no longer master (a split brain
+        after a failover). Either way what it would deliver next may not
+        follow what the subscriber was handed. It moves to the read epoch
+        now, and its subscribers recover, instead of filling a gap later in
+        an epoch its subscribers left."""
+        last = self._last.get(channel)
+        if (
+            last is not None
+            and last.epoch != position.epoch
+            and channel in self._subscribed
+            and channel not in self._held
+        ):
+            self._held[channel] = []
+            self.spawn(self._fill(channel, target=position))
 
     def delivered(self, channel: str) -> StreamPosition | None:
         # While a gap is being filled this stays at what was handed over
@@ -976,7 +1024,9 @@ class RedisBroker:
             if int(offset) >= 0:
                 epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
                 pubs = [decode_message(channel, m) for m in messages]
-                return HistoryResult(pubs, StreamPosition(int(offset), epoch))
+                position = StreamPosition(int(offset), epoch)
+                self._check_epoch(channel, position)
+                return HistoryResult(pubs, position)
             await self._seed_from_log(channel)
         raise BrokerUnavailable(f"the stream of {channel} keeps vanishing from Redis")
 
@@ -1098,7 +1148,7 @@ class RedisBroker:
                 return list(await asyncio.gather(*(run(keys=k, args=a) for k, a in calls)))
             pipe = shard.client.pipeline(transaction=False)
             for keys, args in calls:
-                await shard.scripts[script](keys=keys, args=args, client=pipe)
+                await shard.scripts[script](keys=keys, args=shard.script_args(args), client=pipe)
             return await _execute(pipe)
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None

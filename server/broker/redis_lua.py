@@ -19,6 +19,13 @@ other server, or by this one in an earlier role, counts as gone: it starts
 again at offset 0 under a new epoch, exactly as an expired stream does.
 A promoted replica gets a new replication id and a restarted server a new
 run id, so whatever may have lost acknowledged publications gets a new epoch.
+One promotion changes neither: a master the sentinels failed over from but
+never reached to demote (a split brain) and then promote again keeps both,
+and its streams miss what the other master acknowledged meanwhile. So the
+metadata also records the Sentinel configuration epoch of the call that
+started the stream (``g``; every call passes the newest its node has seen,
+as its last argument), and a stream started under an older configuration
+than the caller's is stale too.
 A durable channel's stream is never started afresh: its scripts are called
 with an empty ``new_epoch`` and report a missing or stale stream instead
 (offset -1), and the broker seeds it from the durable log, which holds every
@@ -42,16 +49,26 @@ local function writer()
   return writer_id
 end
 
+-- The Sentinel configuration epoch the caller knows: the last argument of
+-- every script call when WRITER_CHECK is on.
+local function config_epoch()
+  return tonumber(ARGV[#ARGV]) or 0
+end
+
 -- The stream was last written by another server (or by this one in an
--- earlier role): it may lack acknowledged publications.
+-- earlier role), or under an older Sentinel configuration than the
+-- caller's: it may lack acknowledged publications. (A caller that knows an
+-- older configuration than the stream's is behind, not the stream.)
 local function stale(meta)
   if not WRITER_CHECK then return false end
-  return redis.call('HGET', meta, 'w') ~= writer()
+  local seen = redis.call('HMGET', meta, 'w', 'g')
+  if seen[1] ~= writer() then return true end
+  return (tonumber(seen[2]) or 0) < config_epoch()
 end
 
 local function set_meta(meta, epoch, offset)
   if WRITER_CHECK then
-    redis.call('HSET', meta, 'e', epoch, 'o', offset, 'w', writer())
+    redis.call('HSET', meta, 'e', epoch, 'o', offset, 'w', writer(), 'g', config_epoch())
   else
     redis.call('HSET', meta, 'e', epoch, 'o', offset)
   end

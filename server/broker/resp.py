@@ -12,7 +12,7 @@ them on a connection of redis-py's pool without its pipeline machinery.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import redis.exceptions
@@ -69,10 +69,14 @@ async def run_script_calls(
     script: Script,
     calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]],
     tail: Sequence[Arg] = (),
+    late_args: Callable[[], Sequence[Arg]] | None = None,
 ) -> list[Any]:
     """``EVALSHA`` each (keys, args) of ``calls`` on one connection of
     ``client``'s pool, all in one write, and read the replies in order; with
-    ``tail``, one more command after them (a ``WAIT``), its reply last. An
+    ``tail``, one more command after them (a ``WAIT``), its reply last. With
+    ``late_args``, what it returns is appended to every call's arguments,
+    asked once the connection is had (connecting may learn what it says:
+    behind Sentinel, the configuration the master was found under). An
     error reply comes back as its exception, in its place. ``NotSent``:
     no connection, nothing ran. A connection lost after the write began
     raises redis-py's ``ConnectionError`` or ``TimeoutError`` (or
@@ -84,11 +88,14 @@ async def run_script_calls(
     failover to a replica that never loaded it) answers NOSCRIPT to every
     call, having run none: the script is loaded and everything sent again.
     """
-    packed = pack_script_calls(script.sha, calls)
-    count = len(calls)
-    if tail:
-        packed += pack(tail)
-        count += 1
+
+    def packed() -> bytes:
+        extra = tuple(late_args()) if late_args is not None else ()
+        each = ((k, (*a, *extra)) for k, a in calls) if extra else calls
+        out = pack_script_calls(script.sha, each)
+        return out + pack(tail) if tail else out
+
+    count = len(calls) + (1 if tail else 0)
     replies = await _round_trip(client, packed, count)
     if calls and isinstance(replies[0], redis.exceptions.NoScriptError):
         await client.script_load(script.script)
@@ -100,14 +107,14 @@ class NotSent(Exception):
     """The commands never left: no connection could be had. Nothing ran."""
 
 
-async def _round_trip(client: Any, packed: bytes, count: int) -> list[Any]:
+async def _round_trip(client: Any, packed: Callable[[], bytes], count: int) -> list[Any]:
     pool = client.connection_pool
     try:
         conn = await pool.get_connection()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise NotSent(str(exc) or type(exc).__name__) from exc
     try:
-        await conn.send_packed_command(packed)
+        await conn.send_packed_command(packed())
         replies: list[Any] = []
         for _ in range(count):
             try:

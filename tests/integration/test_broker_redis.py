@@ -121,6 +121,40 @@ async def test_pubsub_connection_killed_by_redis(
         await broker.close()
 
 
+async def test_a_position_in_another_epoch_moves_the_node_to_it(
+    redis_server: Any, prefix: str, handler: GapHandler
+) -> None:
+    """A subscriber is handed a position read from Redis. When the node still
+    delivers another epoch (its pub/sub lags a change of epoch, or it heard
+    a master that is gone), what it delivers next must not pass for what
+    follows the handed position: it moves to the read epoch at once, and its
+    subscribers recover."""
+    broker = RedisBroker(redis_server.url, prefix=prefix, position_check_interval=60)
+    await broker.start(handler)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await broker.subscribe("ep")
+        first = await broker.publish("ep", b"1", info=None, history=KEEP)
+        await eventually(lambda: broker.delivered("ep") == first.position)
+        meta, hist = broker._keys("ep")
+        saved = [await client.dump(meta), await client.dump(hist)]
+        await client.delete(meta, hist)
+        # Redis lost the stream: a new subscriber is handed a new epoch.
+        handed = await broker.position("ep")
+        assert handed.epoch != first.epoch
+        await eventually(lambda: handler.unrecoverable == ["ep"])
+        assert broker.delivered("ep") == handed
+        # The old stream comes back (a server that is master again): its
+        # next publication is no continuation of the handed position.
+        await client.restore(meta, 0, saved[0], replace=True)
+        await client.restore(hist, 0, saved[1], replace=True)
+        await broker.publish("ep", b"2", info=None, history=KEEP)
+        await eventually(lambda: handler.unrecoverable == ["ep", "ep"])
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
 async def test_presence_expires_when_a_node_stops_heartbeating(redis_url: str, prefix: str) -> None:
     from server.models import ClientInfo
 

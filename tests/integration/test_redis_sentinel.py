@@ -593,6 +593,44 @@ async def test_a_demoted_master_is_left_for_the_new_one(
     assert (push["pub"]["offset"], push["pub"]["data"]) == (later["offset"], {"n": "later"})
 
 
+async def test_a_master_promoted_again_without_being_demoted_starts_a_new_epoch(
+    make_server: ServerFactory, sentinel_set: RedisSentinelSet, prefix: str
+) -> None:
+    """A split brain: the sentinels fail over from a master they cannot
+    reach (here, paused), the new master dies before they could tell the
+    old one it is a replica, and they promote the old one again. It never
+    stopped being a master, so its run id and replication id are the same
+    as before: by the last-writer rule alone its streams would go on, and
+    what the other master acknowledged meanwhile would vanish from between
+    offsets clients already hold."""
+    server = await make_server(sentinel_config(sentinel_set, prefix))
+    api = server.api()
+    first = [await api.publish("sb", {"n": i}) for i in range(3)]
+    old = sentinel_set.master
+    old.pause()
+    try:
+        await new_master(sentinel_set, old.port)
+        middle = await publish_until_ok(api, "sb", {"n": 3})
+        assert middle["epoch"] != first[0]["epoch"]
+        gone = sentinel_set.kill_master()
+    finally:
+        old.resume()
+    assert await new_master(sentinel_set, gone) == old.port
+    assert "role:master" in old.cli("info", "replication")
+    last = await publish_until_ok(api, "sb", {"n": 4})
+    assert last["epoch"] not in (first[0]["epoch"], middle["epoch"])
+    # Whichever epoch a client holds, it learns that it missed something.
+    raw = await server.connected()
+    for held in (first[-1], middle):
+        reply = await raw.call(
+            "subscribe",
+            {"channel": "sb", "recover": True, "offset": held["offset"], "epoch": held["epoch"]},
+        )
+        assert reply["result"]["recovered"] is False, held
+        assert reply["result"]["epoch"] == last["epoch"]
+        await raw.call("unsubscribe", {"channel": "sb"})
+
+
 @pytest.fixture
 async def ack_broker(
     sentinel_set: RedisSentinelSet, prefix: str
