@@ -199,7 +199,9 @@ class _ClusterSearch:
 
     async def close(self) -> None:
         if hasattr(self, "_client"):
-            await self._client.close()
+            client = self._client
+            del self._client  # a later start makes a new one
+            await client.close()
         self._ok = False
 
     async def _ensure_index(self) -> None:
@@ -237,9 +239,12 @@ class ElasticsearchSearch(_ClusterSearch):
     async def start(self) -> None:
         from elasticsearch import AsyncElasticsearch
 
-        self._client = AsyncElasticsearch(
-            self._url, request_timeout=self._timeout, max_retries=1, retry_on_timeout=False
-        )
+        # One client for every attempt: the node calls start again while the
+        # cluster is away, and each client holds an HTTP session.
+        if not hasattr(self, "_client"):
+            self._client = AsyncElasticsearch(
+                self._url, request_timeout=self._timeout, max_retries=1, retry_on_timeout=False
+            )
         await super().start()
 
     def _client_errors(self) -> tuple[type[Exception], ...]:
@@ -272,9 +277,10 @@ class OpenSearchSearch(_ClusterSearch):
     async def start(self) -> None:
         from opensearchpy import AsyncOpenSearch
 
-        self._client = AsyncOpenSearch(
-            self._url, timeout=self._timeout, max_retries=1, retry_on_timeout=False
-        )
+        if not hasattr(self, "_client"):  # one for every attempt, as above
+            self._client = AsyncOpenSearch(
+                self._url, timeout=self._timeout, max_retries=1, retry_on_timeout=False
+            )
         await super().start()
 
     def _client_errors(self) -> tuple[type[Exception], ...]:
