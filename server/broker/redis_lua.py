@@ -130,7 +130,10 @@ offset, epoch = position(meta, hist, ARGV[5], ARGV[4])
 if at_offset > 0 and (epoch ~= ARGV[8] or offset + 1 ~= at_offset) then
   return {0, offset, epoch}
 end
-offset = redis.call('HINCRBY', meta, 'o', 1)
+-- The offset is written after the history entry: a script that fails
+-- half-way keeps what it wrote, and a position past its history would be
+-- a gap nobody could fill.
+offset = offset + 1
 local msg = 'p' .. offset .. ' ' .. epoch .. ' ' .. ARGV[9] .. ' ' .. ARGV[1]
 local size = tonumber(ARGV[2])
 if size > 0 then
@@ -139,6 +142,7 @@ if size > 0 then
   redis.call('XADD', hist, 'MAXLEN', size, offset .. '-1', 'm', msg, 'x', now + tonumber(ARGV[3]))
   redis.call('PEXPIRE', hist, ARGV[3])
 end
+redis.call('HSET', meta, 'o', offset)
 redis.call('EXPIRE', meta, ARGV[4])
 if ARGV[10] == '1' then
   redis.call('SPUBLISH', ARGV[6], msg)
@@ -207,8 +211,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 or stale(KEYS[1]) then
   set_meta(KEYS[1], ARGV[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   if same then
-    local past = redis.call('XRANGE', KEYS[2], (tonumber(ARGV[2]) + 1) .. '-1', '+')
-    for i = 1, #past do redis.call('XDEL', KEYS[2], past[i][1]) end
+    -- Rebuilt, not trimmed with XDEL: a stream's last id stays where its
+    -- newest entry was, and the next publication's XADD at the seeded
+    -- offset would fail for good ("equal or smaller than the top item").
+    local ttl = redis.call('PTTL', KEYS[2])
+    local kept = redis.call('XRANGE', KEYS[2], '-', ARGV[2] .. '-1')
+    redis.call('DEL', KEYS[2])
+    for i = 1, #kept do
+      redis.call('XADD', KEYS[2], kept[i][1], unpack(kept[i][2]))
+    end
+    if #kept > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
   else
     redis.call('DEL', KEYS[2])
   end

@@ -21,7 +21,7 @@ import tornado.websocket
 from server.broker import ReplicasNotAcknowledged
 from server.broker.redis import RedisBroker
 from server.client import ApiClient, ApiError
-from server.models import HistoryOptions
+from server.models import HistoryOptions, StreamPosition
 from tests.conftest import Running, ServerFactory, wait_for
 from tests.contract_broker import *  # noqa: F403 - the shared contract tests, on Sentinel
 from tests.contract_broker import GapHandler
@@ -56,6 +56,31 @@ async def broker(
     await b.start(handler)
     yield b
     await b.close()
+
+
+async def test_a_stale_stream_seeded_in_its_epoch_takes_the_next_publication(
+    broker: RedisBroker, shared_sentinel_set: RedisSentinelSet
+) -> None:
+    """A durable stream found stale (written by another server, as after a
+    failover) is seeded at the log's position; in the same epoch it keeps
+    its history up to there. It may hold more than that (the old master
+    took a write the log then replaced): the next publication at the seeded
+    offset must land, not fail against the stream's old top entry."""
+    pubs = [await broker.publish("sd", b"%d" % i, info=None, history=KEEP) for i in range(5)]
+    epoch = pubs[0].epoch
+    master = aioredis.Redis(port=shared_sentinel_set.master.port)
+    try:
+        await master.hset(broker._keys("sd")[0], "w", "another-server")
+    finally:
+        await master.aclose()
+    await broker.seed("sd", StreamPosition(3, epoch))
+    at = StreamPosition(4, epoch)
+    again = await broker.publish("sd", b"new", info=None, history=KEEP, at=at)
+    assert again.position == at
+    result = await broker.history("sd", after=None, limit=10)
+    assert [(p.offset, p.data) for p in result.publications] == [
+        (1, b"0"), (2, b"1"), (3, b"2"), (4, b"new")
+    ]  # fmt: skip
 
 
 @pytest.fixture
