@@ -911,9 +911,6 @@ def markdown(result: dict[str, Any], verdict: Verdict, plots: list[Path]) -> str
         )
     lines += [
         "",
-        "Not measured (Squall exposes none of them): asyncio task count and session "
-        "send-queue sizes; event-loop lag only from outside.",
-        "",
         *(f"![{p.stem}]({p.name})" for p in plots),
         "",
     ]
