@@ -554,22 +554,21 @@ class _Shard:
         self.publishes = _GroupCommit(self, "publish", share=False)
         self.positions = _GroupCommit(self, "position", share=True)
 
-    def script_args(self, args: Sequence[Any]) -> list[Any]:
-        """A script call's arguments as this shard's scripts take them:
-        behind Sentinel, with the configuration epoch last."""
-        if isinstance(self.sentinel, _NewestSentinel):
-            return [*args, self.sentinel.config_epoch]
-        return list(args)
-
     @property
     def late_args(self) -> Callable[[], Sequence[Any]] | None:
-        """``script_args``' addition, for ``run_script_calls`` to ask for once
-        it has a connection: a connection to a new master learns its
-        configuration epoch as it connects."""
+        """What this shard's scripts take after a call's own arguments:
+        behind Sentinel, the configuration epoch. A callable, for
+        ``run_script_calls`` to ask once it has a connection: a connection
+        to a new master learns its configuration epoch as it connects."""
         sentinel = self.sentinel
         if isinstance(sentinel, _NewestSentinel):
             return lambda: (sentinel.config_epoch,)
         return None
+
+    def script_args(self, args: Sequence[Any]) -> list[Any]:
+        """A script call's arguments as this shard's scripts take them."""
+        extra = self.late_args
+        return [*args, *extra()] if extra is not None else list(args)
 
     async def start(self) -> None:
         timeout = self.broker.timeout
